@@ -1,0 +1,278 @@
+"""Command line: ``kidney-tumor-seg`` / ``python -m KidneyTumorSegLib``.
+
+Sub-commands: ``segment``, ``models list|install``, ``devices``, ``demo``. torch and the
+pipeline are imported only inside the commands that need them, so ``--help`` is instant.
+A user error prints one line starting with ``error:`` and exits 1; nothing is traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+logger = logging.getLogger("KidneyTumorSegLib")
+
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+
+
+class _ProgressPrinter:
+    """Progress on stderr: a redrawn bar on a terminal, a line per step otherwise, or JSON lines."""
+
+    def __init__(self, mode: str, prefix: str = ""):
+        self.mode, self.prefix = mode, prefix
+        self.tty = sys.stderr.isatty()
+        self._last_message, self._last_percent = None, -1
+
+    def __call__(self, fraction: float, message: str) -> None:
+        percent = int(round(100 * fraction))
+        if self.mode == "json":
+            print(json.dumps({"progress": round(fraction, 4), "message": message}), file=sys.stderr, flush=True)
+        elif self.mode == "bar" and self.tty:
+            bar = "#" * (percent // 4) + "." * (25 - percent // 4)
+            print(f"\r{self.prefix}[{bar}] {percent:3d}% {message:<40.40}", end="", file=sys.stderr, flush=True)
+            if fraction >= 1.0:
+                print(file=sys.stderr)
+        elif self.mode == "bar" and (message != self._last_message or percent >= self._last_percent + 25):
+            print(f"{self.prefix}{percent:3d}% {message}", file=sys.stderr, flush=True)
+        self._last_message, self._last_percent = message, percent
+
+
+def _output_plan(inputs: Sequence[str], output: str) -> list[tuple[Path, Path]]:
+    """Pair every input case with its output file; one file for one input file, a folder otherwise."""
+    from .errors import InputError
+    from .imageio import LABEL_OUTPUT_SUFFIXES, case_name, expand_inputs, image_suffix
+
+    cases = expand_inputs(inputs)
+    out = Path(output)
+    single_file_output = image_suffix(out) in LABEL_OUTPUT_SUFFIXES
+    if single_file_output:
+        if len(cases) != 1:
+            raise InputError(f"{len(cases)} input cases but -o {output} is a single file; give an output folder instead")
+        return [(cases[0], out)]
+    if image_suffix(out) and not out.is_dir():
+        raise InputError(f"-o {output}: output must be a folder or a file ending in {', '.join(LABEL_OUTPUT_SUFFIXES)}")
+    plan, used = [], {}
+    for case in cases:
+        name = case_name(case)
+        if name in used:  # e.g. case_00000/imaging.nii.gz and case_00001/imaging.nii.gz
+            name = f"{case.parent.name}_{name}" if case.is_file() else f"{case.parent.name}_{case.name}"
+        used[name] = case
+        plan.append((case, out / f"{name}.nii.gz"))
+    return plan
+
+
+def _stats_path(stats_arg: Optional[str], output: Path, batch: bool) -> Optional[Path]:
+    if not stats_arg:
+        return None
+    if not batch:
+        return Path(stats_arg)
+    return Path(stats_arg) / f"{output.name[:-len('.nii.gz')] if output.name.endswith('.nii.gz') else output.stem}.json"
+
+
+def _write_json_atomic(data, path: Path, overwrite: bool) -> None:
+    from .errors import OutputError
+
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} already exists; pass --overwrite to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _check_output_free(path: Path, overwrite: bool) -> None:
+    from .errors import OutputError
+
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} already exists; pass --overwrite to replace it")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {path}: {parent} is not a folder")
+
+
+def _summarize(stats: dict) -> str:
+    parts = []
+    for k in stats.get("kidneys", []):
+        parts.append(f"{k['side']} kidney {k['volume_ml']:.1f} mL")
+    t = stats.get("tumors", {})
+    if t.get("count"):
+        parts.append(f"{t['count']} tumor(s) {t['total_volume_ml']:.1f} mL, largest diameter {t['largest_diameter_mm']:.1f} mm")
+    c = stats.get("cysts", {})
+    if c.get("count"):
+        parts.append(f"{c['count']} cyst(s) {c['total_volume_ml']:.1f} mL")
+    return "; ".join(parts) if parts else "no kidney found"
+
+
+def cmd_segment(args) -> int:
+    from .errors import KidneyTumorSegError
+    from .imageio import read_image, write_image_atomic
+    from .models import load_package
+    from .pipeline import Segmenter
+    from .validation import check_memory, validate_ct_image
+
+    plan = _output_plan(args.inputs, args.output)
+    batch = len(plan) > 1 or not plan[0][1].name.endswith((".nii", ".nii.gz", ".nrrd")) or Path(args.output).is_dir()
+    for _, out in plan:
+        _check_output_free(out, args.overwrite)
+        stats_out = _stats_path(args.stats, out, batch)
+        if stats_out is not None:
+            _check_output_free(stats_out, args.overwrite)
+    package = load_package(args.model)
+    segmenter = Segmenter(package, device=args.device, tta=args.tta)
+    logger.info("model %s %s on %s (%s)", package.manifest.name, package.manifest.version, segmenter.device, segmenter.device_reason)
+    failures = []
+    for i, (case, out) in enumerate(plan):
+        prefix = f"[{i + 1}/{len(plan)}] " if len(plan) > 1 else ""
+        start = time.perf_counter()
+        try:
+            image = read_image(case, series_uid=args.series)
+            validate_ct_image(image, force=args.force)
+            check_memory(image)
+            progress = None if args.quiet and args.progress == "bar" else _ProgressPrinter(args.progress, prefix)
+            result = segmenter.segment(image, progress=progress)
+            write_image_atomic(result.labels, out, overwrite=args.overwrite)
+            stats_out = _stats_path(args.stats, out, batch)
+            if stats_out is not None:
+                _write_json_atomic({"input": str(case), "output": str(out), "model": result.model_name,
+                                    "device": result.device, "timings_s": result.timings, **result.stats},
+                                   stats_out, args.overwrite)
+        except KidneyTumorSegError as exc:
+            if len(plan) == 1:
+                raise
+            print(f"error: {case}: {exc}", file=sys.stderr)
+            failures.append(case)
+            continue
+        if not args.quiet:
+            notes = f" ({'; '.join(result.notes)})" if result.notes else ""
+            print(f"{prefix}{case} -> {out} in {time.perf_counter() - start:.1f} s: {_summarize(result.stats)}{notes}")
+    if len(plan) > 1:
+        print(f"{len(plan) - len(failures)} of {len(plan)} cases segmented" + (f"; failed: {', '.join(map(str, failures))}" if failures else ""))
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def cmd_models(args) -> int:
+    from .models import install_model, list_models, user_models_dir
+
+    if args.models_command == "list":
+        infos = list_models()
+        if args.json:
+            print(json.dumps([i.to_dict() for i in infos], indent=2))
+        else:
+            for i in infos:
+                flag = " (default)" if i.default else ""
+                print(f"{i.name} {i.version} [{i.source}]{flag}\n    {i.description}\n    intended use: {i.intended_use}\n    {i.path}")
+            print(f"installed models folder: {user_models_dir()}")
+        return EXIT_OK
+    printer = _ProgressPrinter("bar")
+    info = install_model(args.source, sha256=args.sha256, overwrite=args.overwrite,
+                         progress=lambda done, total: printer(done / total if total else 0.0, f"{done / 1e6:.1f} MB"))
+    print(f"installed {info.name} {info.version} into {info.path}")
+    return EXIT_OK
+
+
+def cmd_devices(args) -> int:
+    from .device import describe_devices, resolve_device
+
+    devices = describe_devices()
+    if args.json:
+        print(json.dumps(devices))
+    else:
+        for d in devices:
+            mem = f", {d['memory_bytes'] / 2**30:.1f} GiB" if d["memory_bytes"] else ""
+            print(f"{d['kind']}: {d['name']}{mem}")
+        dev, reason = resolve_device("auto")
+        print(f"auto selects: {dev} ({reason})")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.output), device=args.device, overwrite=args.overwrite)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kidney-tumor-seg",
+        description="Coarse-to-fine kidney, kidney tumor and cyst segmentation in contrast-enhanced CT. "
+                    "Output label maps: 0 background, 1 kidney, 2 tumor, 3 cyst (when the model predicts cysts), "
+                    "on exactly the input's grid.")
+    parser.add_argument("--debug", action="store_true", help="show debug logging and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment one or more CT volumes",
+                         description="Segment CTs: a file (NIfTI, NRRD, MetaImage), a DICOM series folder, several of them, "
+                                     "or a folder of them (batch: one output per case in the output folder).")
+    seg.add_argument("inputs", nargs="+", metavar="INPUT")
+    seg.add_argument("-o", "--output", required=True,
+                     help="output label map (.nii.gz, .nii, .nrrd) for one input, or a folder for several")
+    seg.add_argument("--model", default=None, help="model package name or folder (default: the bundled default model)")
+    seg.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    seg.add_argument("--tta", action="store_true", help="mirror test-time augmentation (slower)")
+    seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    seg.add_argument("--force", action="store_true", help="accept images whose intensities do not look like CT in HU")
+    seg.add_argument("--stats", metavar="PATH", help="write measurements as JSON (a file; a folder in batch mode)")
+    seg.add_argument("--series", metavar="UID", help="DICOM SeriesInstanceUID to read when a folder holds several series")
+    seg.add_argument("--progress", choices=("bar", "json", "none"), default="bar", help="progress on stderr (default: bar)")
+    seg.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    seg.set_defaults(func=cmd_segment)
+
+    models = sub.add_parser("models", help="list or install model packages")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    ml = msub.add_parser("list", help="list bundled and installed model packages")
+    ml.add_argument("--json", action="store_true")
+    mi = msub.add_parser("install", help="install a model package from a folder, a .zip or a URL")
+    mi.add_argument("source", metavar="PATH_OR_URL")
+    mi.add_argument("--sha256", help="expected sha256 of the zip (required for URLs)")
+    mi.add_argument("--overwrite", action="store_true", help="replace an installed package of the same name")
+    models.set_defaults(func=cmd_models)
+
+    dev = sub.add_parser("devices", help="list the devices torch can use")
+    dev.add_argument("--json", action="store_true")
+    dev.set_defaults(func=cmd_devices)
+
+    demo = sub.add_parser("demo", help="segment the bundled sample CT with the default model and write an overview")
+    demo.add_argument("-o", "--output", default="demo-output", help="output folder (default: demo-output)")
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--overwrite", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the exit code (0 ok, 1 failed, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.DEBUG if args.debug else (logging.WARNING if quiet else logging.INFO),
+                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+    from .errors import KidneyTumorSegError
+
+    try:
+        return args.func(args)
+    except KidneyTumorSegError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as exc:  # e.g. an unavailable --device
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print("error: out of memory; try a smaller volume or a machine with more memory", file=sys.stderr)
+        return EXIT_FAILED

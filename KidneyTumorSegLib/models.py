@@ -1,0 +1,288 @@
+"""Model packages: finding, verifying, loading and installing them.
+
+A package is a folder with ``manifest.json`` (see :mod:`manifest`) and its weights files
+(``torch.save`` of a plain state dict). Loading verifies every file's sha256 against the
+manifest and reads weights with ``torch.load(weights_only=True)``: nothing is unpickled.
+
+Where packages live: the bundled ones inside this library (``bundled_models/``), and the user's
+installed ones in ``$KIDNEY_TUMOR_SEG_MODELS_DIR`` or, when unset,
+``$XDG_DATA_HOME/kidney-tumor-seg/models`` (``~/.local/share/...``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import ModelPackageError
+from .manifest import MANIFEST_NAME, ModelManifest, StageSpec, read_manifest
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parent / "bundled_models"
+DEFAULT_MODEL_NAME = "kidney-vbnet-phantom"
+MODELS_DIR_ENV = "KIDNEY_TUMOR_SEG_MODELS_DIR"
+
+
+def user_models_dir() -> Path:
+    """Folder of installed (non-bundled) model packages."""
+    env = os.environ.get(MODELS_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "kidney-tumor-seg" / "models"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a user needs to choose a model: ``source`` is "bundled" or "installed"."""
+
+    name: str
+    version: str
+    description: str
+    intended_use: str
+    path: Path
+    labels: dict
+    has_cyst: bool
+    default: bool
+    source: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "version": self.version, "description": self.description,
+                "intended_use": self.intended_use, "path": str(self.path), "labels": dict(self.labels),
+                "has_cyst": self.has_cyst, "default": self.default, "source": self.source}
+
+
+def _package_dirs() -> list[tuple[Path, str]]:
+    found = []
+    for base, source in ((BUNDLED_MODELS_DIR, "bundled"), (user_models_dir(), "installed")):
+        if base.is_dir():
+            found += [(p, source) for p in sorted(base.iterdir()) if (p / MANIFEST_NAME).is_file()]
+    return found
+
+
+def list_models() -> list[ModelInfo]:
+    """All bundled and installed packages whose manifests are valid (invalid ones are logged and skipped)."""
+    infos = []
+    for path, source in _package_dirs():
+        try:
+            m = read_manifest(path / MANIFEST_NAME)
+        except ModelPackageError as exc:
+            logger.warning("skipping model package %s: %s", path, exc)
+            continue
+        infos.append(ModelInfo(m.name, m.version, m.description, m.intended_use, path, dict(m.labels), m.has_cyst,
+                               m.name == DEFAULT_MODEL_NAME and source == "bundled", source))
+    return infos
+
+
+def find_model(name_or_path: Optional[str] = None) -> Path:
+    """Folder of a package given by name (installed ones win over bundled ones), by path, or the default."""
+    if name_or_path is None or name_or_path == "":
+        name_or_path = DEFAULT_MODEL_NAME
+    candidate = Path(str(name_or_path)).expanduser()
+    if candidate.is_dir():
+        if not (candidate / MANIFEST_NAME).is_file():
+            raise ModelPackageError(f"{candidate} is not a model package: it has no {MANIFEST_NAME}")
+        return candidate
+    if candidate.is_file() and candidate.name == MANIFEST_NAME:
+        return candidate.parent
+    matches = {}
+    for info in list_models():
+        if info.name == name_or_path:
+            matches.setdefault(info.source, info.path)
+    if "installed" in matches:
+        return matches["installed"]
+    if "bundled" in matches:
+        return matches["bundled"]
+    names = sorted({i.name for i in list_models()})
+    raise ModelPackageError(f"no model package named or at {str(name_or_path)!r}; available: {', '.join(names) or 'none'}"
+                            f" (install one with 'kidney-tumor-seg models install PATH')")
+
+
+class ModelPackage:
+    """A verified model package: its manifest and the means to build its networks."""
+
+    def __init__(self, root: Path, manifest: ModelManifest):
+        self.root = Path(root)
+        self.manifest = manifest
+
+    def weights_path(self, file: str) -> Path:
+        return self.root / file
+
+    def verify(self) -> None:
+        """Check that every weights file exists and matches its sha256."""
+        for stage in self.manifest.stages:
+            for w in stage.weights:
+                path = self.weights_path(w.file)
+                if not path.is_file():
+                    raise ModelPackageError(f"{path}: weights file listed by stage {stage.name!r} is missing")
+                actual = sha256_file(path)
+                if actual != w.sha256:
+                    raise ModelPackageError(f"{path}: sha256 {actual} does not match the manifest's {w.sha256} "
+                                            "(corrupt or replaced file; reinstall the package)")
+
+    def build_networks(self, stage: StageSpec, device=None) -> list:
+        """The stage's networks (one per weights file: an ensemble), weights loaded, in eval mode."""
+        import torch
+
+        from .networks import build_network
+
+        kwargs = dict(stage.network.kwargs)
+        for reserved in ("in_channels", "num_classes"):
+            if reserved in kwargs:
+                raise ModelPackageError(f"{self.root / MANIFEST_NAME}: stage {stage.name!r} network kwargs must not set "
+                                        f"{reserved!r} (it follows from the stage's inputs and classes)")
+        nets = []
+        for w in stage.weights:
+            try:
+                net = build_network(stage.network.name, in_channels=self.manifest.network_in_channels(stage),
+                                    num_classes=len(stage.classes), **kwargs)
+            except (ValueError, TypeError) as exc:
+                raise ModelPackageError(f"{self.root / MANIFEST_NAME}: stage {stage.name!r}: {exc}") from None
+            _check_patch_fits(net, stage, self.root / MANIFEST_NAME)
+            path = self.weights_path(w.file)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # torch raises several types for corrupt or unsafe files
+                raise ModelPackageError(f"{path}: cannot load weights safely ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+            if not isinstance(state, dict):
+                raise ModelPackageError(f"{path}: expected a state dict, found {type(state).__name__}")
+            try:
+                net.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                first = str(exc).splitlines()[0] if str(exc) else "mismatch"
+                raise ModelPackageError(f"{path}: weights do not match network {stage.network.name!r} of stage {stage.name!r} ({first})") from None
+            net.eval()
+            if device is not None:
+                net.to(device)
+            nets.append(net)
+        return nets
+
+
+def _check_patch_fits(net, stage: StageSpec, where: Path) -> None:
+    multiple = getattr(net, "min_input_multiple", None)
+    if multiple is None:
+        return
+    dims = getattr(net, "spatial_dims", 3)
+    # patch_size is (x, y, z); tensors are (D=z, H=y, W=x); a 2.5D network sees (y, x) only.
+    tensor_patch = tuple(reversed(stage.patch_size))[-dims:]
+    for p, m in zip(tensor_patch, tuple(multiple)[-dims:]):
+        if p % m:
+            raise ModelPackageError(f"{where}: stage {stage.name!r} patch_size {list(stage.patch_size)} (x, y, z) must be a multiple of "
+                                    f"the network's min_input_multiple {tuple(reversed(tuple(multiple)))} (x, y, z)")
+
+
+def load_package(name_or_path: Optional[str] = None, verify: bool = True) -> ModelPackage:
+    """Find, read and (by default) checksum-verify a model package."""
+    root = find_model(name_or_path)
+    package = ModelPackage(root, read_manifest(root / MANIFEST_NAME))
+    if verify:
+        package.verify()
+    return package
+
+
+def install_model(source: str, sha256: Optional[str] = None, overwrite: bool = False,
+                  progress: Optional[Callable[[int, Optional[int]], None]] = None) -> ModelInfo:
+    """Install a package from a local folder, a local ``.zip`` or an http(s) URL of a zip.
+
+    A URL requires ``sha256`` of the downloaded file. The package is verified before it is
+    moved (atomically) into :func:`user_models_dir`; an installed package of the same
+    name is replaced only with ``overwrite``.
+    """
+    dest_root = user_models_dir()
+    dest_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest_root, prefix=".install-") as tmp:
+        tmp = Path(tmp)
+        parsed = urllib.parse.urlparse(source)
+        if parsed.scheme in ("http", "https"):
+            if not sha256:
+                raise ModelPackageError(f"installing from a URL needs the package's sha256 (--sha256); got none for {source}")
+            archive = tmp / "download.zip"
+            _download(source, archive, progress)
+            _check_sha(archive, sha256, source)
+            staged = _extract(archive, tmp / "unpacked")
+        else:
+            path = Path(source).expanduser()
+            if not path.exists():
+                raise ModelPackageError(f"{path}: no such model package folder or zip")
+            if sha256:
+                if not path.is_file():
+                    raise ModelPackageError(f"--sha256 checks an archive file, but {path} is a folder")
+                _check_sha(path, sha256, str(path))
+            if path.is_dir():
+                staged = tmp / "unpacked"
+                shutil.copytree(path, staged)
+            elif zipfile.is_zipfile(path):
+                staged = _extract(path, tmp / "unpacked")
+            else:
+                raise ModelPackageError(f"{path}: expected a model package folder or a .zip of one")
+        manifest = read_manifest(staged / MANIFEST_NAME)
+        ModelPackage(staged, manifest).verify()
+        target = dest_root / manifest.name
+        if target.exists():
+            if not overwrite:
+                raise ModelPackageError(f"a model named {manifest.name!r} is already installed at {target}; pass --overwrite to replace it")
+            old = tmp / "previous"
+            target.rename(old)
+        staged.rename(target)
+    logger.info("installed model %s %s into %s", manifest.name, manifest.version, target)
+    return ModelInfo(manifest.name, manifest.version, manifest.description, manifest.intended_use, target,
+                     dict(manifest.labels), manifest.has_cyst, False, "installed")
+
+
+def _check_sha(path: Path, expected: str, what: str) -> None:
+    actual = sha256_file(path)
+    if actual != expected.lower():
+        raise ModelPackageError(f"{what}: sha256 {actual} does not match the expected {expected}")
+
+
+def _extract(archive: Path, dest: Path) -> Path:
+    """Unpack a zip safely (no paths outside ``dest``); returns the folder holding manifest.json."""
+    try:
+        with zipfile.ZipFile(archive) as z:
+            for member in z.namelist():
+                target = (dest / member).resolve()
+                if not str(target).startswith(str(dest.resolve())):
+                    raise ModelPackageError(f"{archive}: unsafe path {member!r} in the archive")
+            z.extractall(dest)
+    except zipfile.BadZipFile as exc:
+        raise ModelPackageError(f"{archive}: not a valid zip ({exc})") from None
+    if (dest / MANIFEST_NAME).is_file():
+        return dest
+    subdirs = [p for p in dest.iterdir() if p.is_dir() and (p / MANIFEST_NAME).is_file()]
+    if len(subdirs) == 1:
+        return subdirs[0]
+    raise ModelPackageError(f"{archive}: the archive holds no {MANIFEST_NAME} at its top level or in one folder")
+
+
+def _download(url: str, dest: Path, progress) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
+            total = response.headers.get("Content-Length")
+            total = int(total) if total and total.isdigit() else None
+            done = 0
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+                done += len(block)
+                if progress is not None:
+                    progress(done, total)
+    except OSError as exc:
+        raise ModelPackageError(f"download of {url} failed: {exc}") from None
