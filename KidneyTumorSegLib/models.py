@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import ModelPackageError
-from .manifest import MANIFEST_NAME, ModelManifest, StageSpec, read_manifest
+from .manifest import MANIFEST_NAME, ModelManifest, StageSpec, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -286,3 +286,43 @@ def _download(url: str, dest: Path, progress) -> None:
                     progress(done, total)
     except OSError as exc:
         raise ModelPackageError(f"download of {url} failed: {exc}") from None
+
+
+def save_package(root: Path, manifest_dict: dict, state_dicts: dict, overwrite: bool = False) -> ModelPackage:
+    """Write a model package: each ``state_dicts[file]`` saved with ``torch.save``, then the manifest.
+
+    ``manifest_dict`` is a manifest as a dict whose weights entries may omit ``sha256``;
+    the checksums are filled in from the written files. The package is validated by
+    reading it back. Written into a temporary folder and renamed, so no half package remains.
+    """
+    import copy
+
+    import torch
+
+    root = Path(root)
+    if root.exists() and not overwrite:
+        raise ModelPackageError(f"{root} already exists; pass overwrite=True to replace it")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    manifest_dict = copy.deepcopy(manifest_dict)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}-"))
+    try:
+        for file, state in state_dicts.items():
+            torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp / file)
+        for stage in manifest_dict["stages"]:
+            for w in stage["weights"]:
+                if w["file"] not in state_dicts:
+                    raise ModelPackageError(f"stage {stage['name']!r} lists weights {w['file']!r} that were not given")
+                w["sha256"] = sha256_file(tmp / w["file"])
+        try:
+            manifest = ModelManifest.from_dict(manifest_dict)
+        except (ValueError, TypeError) as exc:
+            raise ModelPackageError(f"invalid manifest for {root}: {exc}") from None
+        write_manifest(manifest, tmp / MANIFEST_NAME)
+        ModelPackage(tmp, manifest).verify()
+        if root.exists():
+            shutil.rmtree(root)
+        tmp.rename(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ModelPackage(root, manifest)

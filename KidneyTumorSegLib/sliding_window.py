@@ -147,10 +147,11 @@ def sliding_window_inference(
     windows = [tuple(slice(s, s + p) for s, p in zip(corner, patch)) for corner in itertools.product(*starts)]
     state = {"batch_size": max(1, int(batch_size)), "device": device}
     done = 0
-    for first in range(0, len(windows), state["batch_size"]):
+    while done < len(windows):
         if is_cancelled(cancel):
             raise CancelledError("cancelled by the caller")
-        chunk = windows[first:first + state["batch_size"]]
+        # the batch size may shrink after a CUDA out-of-memory error, so slice as we go
+        chunk = windows[done:done + state["batch_size"]]
         batch = torch.stack([inputs[(slice(None),) + w] for w in chunk])
         with torch.no_grad():
             out = _call_with_oom_fallback(predictor, batch, state)
