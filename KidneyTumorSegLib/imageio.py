@@ -1,0 +1,503 @@
+"""Reading input volumes and writing output images.
+
+Inputs are NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``),
+MetaImage (``.mha``, ``.mhd``) files or a folder holding a DICOM series.
+Images come back as ``SimpleITK.Image`` with their geometry (size, spacing,
+origin, direction, all in SimpleITK (x, y, z) order, LPS, mm) exactly as the
+file stores it; DICOM pixel values have the rescale slope/intercept applied,
+so a CT is in Hounsfield units.
+
+Outputs are written atomically: to a temporary file in the destination
+folder, then renamed over the destination, so an interrupted run never leaves
+a half-written file behind.
+
+Every problem a user can cause raises :class:`~KidneyTumorSegLib.errors.InputError`
+or :class:`~KidneyTumorSegLib.errors.OutputError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import logging
+import os
+import re
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import SimpleITK as sitk
+
+from .errors import InputError, OutputError
+
+logger = logging.getLogger(__name__)
+
+#: File name endings :func:`read_image` accepts (case-insensitive).
+SUPPORTED_IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: File name endings for output label maps (single-file formats Slicer and ITK read).
+LABEL_OUTPUT_SUFFIXES = (".nii", ".nii.gz", ".nrrd")
+#: What :func:`write_image_atomic` accepts: the label formats plus MetaImage.
+WRITABLE_SUFFIXES = LABEL_OUTPUT_SUFFIXES + (".mha",)
+# Formats whose writer compresses (NIfTI .nii is uncompressed by definition).
+_COMPRESSED_SUFFIXES = (".nii.gz", ".nrrd", ".mha")
+
+_DICOM_TAG_SERIES_DESCRIPTION = "0008|103e"
+_DICOM_TAG_POSITION = "0020|0032"
+_DICOM_TAG_ORIENTATION = "0020|0037"
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series found in a folder.
+
+    ``uid`` is the SeriesInstanceUID (may be ``""`` when the files lack it),
+    ``n_files`` the number of files (slices), ``description`` the
+    SeriesDescription of its first file (``""`` if absent), ``files`` the file
+    paths sorted by slice position.
+    """
+
+    uid: str
+    n_files: int
+    description: str
+    files: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- names
+
+
+def image_suffix(path: str | os.PathLike) -> str:
+    """Return the lower-case image suffix of ``path``: ``".nii.gz"`` for a
+    gzipped NIfTI, otherwise the last suffix (``".nrrd"``, ``".png"``, or
+    ``""`` when the name has none)."""
+    name = Path(path).name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return Path(name).suffix
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """Name of the case a path holds: the file name without its image suffix
+    (``case_00001.nii.gz`` -> ``case_00001``), or the folder name for a DICOM
+    folder."""
+    p = Path(path)
+    if p.is_dir():
+        return p.resolve().name
+    suffix = image_suffix(p)
+    if suffix and suffix in SUPPORTED_IMAGE_SUFFIXES:
+        return p.name[: -len(suffix)]
+    return p.stem
+
+
+# --------------------------------------------------------------------------- ITK helpers
+
+
+@contextlib.contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """Silence ITK's own stderr warnings (e.g. GDCM's "No Series were found"
+    for every non-DICOM folder); the caller reports what matters through
+    logging instead."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+_ITK_PREFIX = re.compile(r"^(?:sitk|itk|ITK)(?:::|\s+)ERROR:\s*(?:\w+\s*\(0x[0-9a-fA-F]+\):\s*)?")
+_NRRD_PREFIX = re.compile(r"^\[nrrd\]\s*\w+:\s*")
+
+
+def _condense_itk_error(exc: BaseException, limit: int = 300) -> str:
+    """Turn ITK's multi-line exception text (source file, line, object
+    address, nested library messages) into one short line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith("Exception thrown in SimpleITK")]
+    main = ""
+    detail = ""
+    for ln in lines:
+        if _ITK_PREFIX.match(ln) and not main:
+            main = _ITK_PREFIX.sub("", ln)
+        elif ln.startswith("[nrrd]"):
+            detail = _NRRD_PREFIX.sub("", ln).rstrip(":")  # the innermost reason comes last
+    if not main:
+        main = lines[-1] if lines else type(exc).__name__
+    text = f"{main} ({detail})" if detail and detail not in main else main
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- NIfTI completeness
+
+
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Bytes a single-file NIfTI-1/2 needs (voxel offset + voxel data) per
+    its header, or None when the header is not one we can interpret."""
+    if len(header) < 348:
+        return None
+    for endian in "<>":
+        sizeof_hdr = struct.unpack(endian + "i", header[:4])[0]
+        if sizeof_hdr == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            header_end = 352
+            break
+        if sizeof_hdr == 540 and len(header) >= 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            vox_offset = struct.unpack(endian + "q", header[168:176])[0]
+            header_end = 544
+            break
+    else:
+        return None
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0 or bitpix % 8:
+        return None
+    n_voxels = 1
+    for d in dims[1 : ndim + 1]:
+        if d <= 0:
+            return None
+        n_voxels *= d
+    return max(vox_offset, header_end) + n_voxels * (bitpix // 8)
+
+
+def _gzip_uncompressed_size(path: Path) -> int:
+    """Decompress ``path`` as a stream (constant memory) and return its size;
+    raises EOFError / OSError when the stream is truncated or corrupt."""
+    total = 0
+    with gzip.open(path, "rb") as fh:
+        while True:
+            block = fh.read(1 << 24)
+            if not block:
+                return total
+            total += len(block)
+
+
+def _check_nifti_complete(path: Path, suffix: str) -> None:
+    """Refuse a truncated NIfTI file: ITK reads one silently and fills the
+    missing voxels with zeros (a classic result of an interrupted download)."""
+    try:
+        if suffix == ".nii.gz":
+            with gzip.open(path, "rb") as fh:
+                header = fh.read(544)
+        else:
+            with open(path, "rb") as fh:
+                header = fh.read(544)
+    except (OSError, EOFError):
+        return  # not gzip / unreadable: ITK reports it in its own words
+    expected = _nifti_expected_bytes(header)
+    if expected is None:
+        return
+    if suffix == ".nii":
+        actual = path.stat().st_size
+        if actual < expected:
+            raise InputError(
+                f"Cannot read {path}: the file is truncated ({actual} bytes, its header needs {expected})"
+            )
+        return
+    # The gzip trailer stores the uncompressed size mod 2**32: a cheap check
+    # that a truncated file fails (its last 4 bytes are compressed data); a
+    # file failing it (also a valid multi-member or padded one) gets a full,
+    # streaming decompression to decide.
+    with open(path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        isize = struct.unpack("<I", fh.read(4))[0]
+    if isize == expected % (1 << 32):
+        return
+    try:
+        actual = _gzip_uncompressed_size(path)
+    except (EOFError, OSError, gzip.BadGzipFile) as exc:
+        raise InputError(f"Cannot read {path}: the compressed file is truncated or corrupt ({exc})") from exc
+    if actual < expected:
+        raise InputError(
+            f"Cannot read {path}: the file is truncated ({actual} bytes uncompressed, its header needs {expected})"
+        )
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _folder_may_hold_dicom(folder: Path) -> bool:
+    """Cheap pre-filter: a folder whose visible files all carry a known image
+    suffix cannot hold a DICOM series, so GDCM need not scan it."""
+    try:
+        for entry in folder.iterdir():
+            if entry.name.startswith("."):
+                continue
+            if entry.is_file() and image_suffix(entry) not in SUPPORTED_IMAGE_SUFFIXES:
+                return True
+    except OSError:
+        return False
+    return False
+
+
+def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
+    """List the DICOM series directly inside ``folder`` (not recursive),
+    sorted by number of files, most first (ties by UID). Returns an empty
+    list when there is none; raises InputError if ``folder`` is not a folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"Expected a folder holding a DICOM series, got {folder} (not a folder)")
+    if not _folder_may_hold_dicom(folder):
+        return []
+    with _itk_warnings_off():
+        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        found = []
+        for uid in uids:
+            files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+            if not files:
+                continue
+            found.append(DicomSeries(uid=uid, n_files=len(files), description=_series_description(files[0]), files=files))
+    found.sort(key=lambda s: (-s.n_files, s.uid))
+    return found
+
+
+def _series_description(file: str) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return ""
+    if reader.HasMetaDataKey(_DICOM_TAG_SERIES_DESCRIPTION):
+        return reader.GetMetaData(_DICOM_TAG_SERIES_DESCRIPTION).strip()
+    return ""
+
+
+def _describe(series: DicomSeries) -> str:
+    label = series.uid or "(no SeriesInstanceUID)"
+    desc = f", '{series.description}'" if series.description else ""
+    return f"{label} ({series.n_files} files{desc})"
+
+
+def _holds_dicom_series(folder: Path) -> bool:
+    return bool(list_dicom_series(folder))
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
+    series = list_dicom_series(folder)
+    if not series:
+        n_images = sum(1 for f in folder.iterdir() if f.is_file() and image_suffix(f) in SUPPORTED_IMAGE_SUFFIXES)
+        hint = f"; it holds {n_images} image file(s): give them as inputs instead" if n_images else ""
+        raise InputError(
+            f"Expected an image file ({', '.join(SUPPORTED_IMAGE_SUFFIXES)}) or a folder holding a DICOM series, "
+            f"got folder {folder} with no DICOM series{hint}"
+        )
+    if series_uid is not None:
+        chosen = next((s for s in series if s.uid == series_uid), None)
+        if chosen is None:
+            available = "; ".join(_describe(s) for s in series)
+            raise InputError(f"No DICOM series with UID {series_uid} in {folder}; available: {available}")
+    else:
+        chosen = series[0]
+        if len(series) > 1:
+            others = "; ".join(_describe(s) for s in series[1:])
+            logger.warning(
+                "%s holds %d DICOM series; reading %s, the one with most slices (others: %s); "
+                "use --series UID to choose another",
+                folder, len(series), _describe(chosen), others,
+            )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(list(chosen.files))
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        with _itk_warnings_off():
+            image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"Cannot read the DICOM series {_describe(chosen)} in {folder}: {_condense_itk_error(exc)}") from exc
+    _warn_irregular_slices(reader, chosen, folder)
+    return image
+
+
+def _warn_irregular_slices(reader: sitk.ImageSeriesReader, series: DicomSeries, folder: Path) -> None:
+    """ITK stacks the slices at a uniform spacing; warn when the slice
+    positions say otherwise (missing slices, variable spacing), because the
+    volume's geometry is then only approximate."""
+    n = series.n_files
+    if n < 3:
+        return
+    try:
+        positions = [
+            [float(v) for v in reader.GetMetaData(i, _DICOM_TAG_POSITION).split("\\")] for i in range(n)
+        ]
+        orientation = [float(v) for v in reader.GetMetaData(0, _DICOM_TAG_ORIENTATION).split("\\")]
+    except (RuntimeError, ValueError, IndexError):
+        return
+    if len(orientation) != 6 or any(len(p) != 3 for p in positions):
+        return
+    r, c = orientation[:3], orientation[3:]
+    normal = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    along = [sum(p[k] * normal[k] for k in range(3)) for p in positions]
+    gaps = [abs(b - a) for a, b in zip(along, along[1:])]
+    if max(gaps) - min(gaps) > 1e-3 * max(max(gaps), 1e-6) + 1e-3:
+        logger.warning(
+            "DICOM series %s in %s has irregular slice spacing (%.3g to %.3g mm between slices); "
+            "the volume is stacked at a uniform spacing, so its geometry is only approximate",
+            _describe(series), folder, min(gaps), max(gaps),
+        )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_image(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
+    """Read a volume from an image file or a DICOM series folder.
+
+    ``path``: a file ending in one of :data:`SUPPORTED_IMAGE_SUFFIXES`, or a
+    folder holding a DICOM series (several series: the one with most files is
+    read and a warning names the others; ``series_uid`` picks one).
+    Returns the image with size/spacing/origin/direction exactly as stored
+    and the stored pixel type; DICOM values have rescale slope/intercept
+    applied (CT in HU). Raises InputError with a one-line message for a
+    missing path, an unsupported suffix, an unreadable/corrupt/truncated file
+    or an unknown ``series_uid``. The input is never modified.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"Input not found: {p}")
+    if p.is_dir():
+        return _read_dicom_folder(p, series_uid)
+    if series_uid is not None:
+        raise InputError(f"A DICOM series UID ({series_uid}) was given but the input {p} is a file, not a DICOM folder")
+    if not p.is_file():
+        raise InputError(f"Expected an image file or a DICOM folder, got {p} (neither a regular file nor a folder)")
+    suffix = image_suffix(p)
+    if suffix not in SUPPORTED_IMAGE_SUFFIXES:
+        dicom_hint = " (for DICOM give the folder holding the series)" if suffix in ("", ".dcm", ".ima") else ""
+        raise InputError(
+            f"Unsupported input {p.name!r}: expected a file ending in {', '.join(SUPPORTED_IMAGE_SUFFIXES)} "
+            f"or a DICOM series folder{dicom_hint}"
+        )
+    if suffix in (".nii", ".nii.gz"):
+        _check_nifti_complete(p, suffix)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"Cannot read {p}: {_condense_itk_error(exc)}") from exc
+
+
+def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand batch inputs into one path per case.
+
+    A file is kept as given (even a missing or unsupported one, so that it
+    fails as its own case). A folder that itself holds a DICOM series is one
+    case. Any other folder contributes its files with a supported image
+    suffix and its sub-folders holding a DICOM series (one level, sorted by
+    name; hidden entries skipped). Order of ``paths`` is kept and duplicates
+    are dropped. Raises InputError when nothing is found.
+    """
+    cases: list[Path] = []
+    seen: set[Path] = set()
+
+    def add(p: Path) -> None:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            cases.append(p)
+
+    for raw in paths:
+        p = Path(raw)
+        if not p.is_dir():
+            add(p)
+            continue
+        if _holds_dicom_series(p):
+            ignored = [f.name for f in p.iterdir() if f.is_file() and image_suffix(f) in SUPPORTED_IMAGE_SUFFIXES]
+            if ignored:
+                logger.warning("%s holds a DICOM series, read as one case; its image files %s are ignored", p, ignored)
+            add(p)
+            continue
+        found = []
+        for entry in sorted(p.iterdir()):
+            if entry.name.startswith("."):
+                continue  # hidden files include our own temporary outputs
+            if entry.is_file() and image_suffix(entry) in SUPPORTED_IMAGE_SUFFIXES:
+                found.append(entry)
+            elif entry.is_dir() and _holds_dicom_series(entry):
+                found.append(entry)
+        if not found:
+            logger.warning("No image files or DICOM series found in %s", p)
+        for entry in found:
+            add(entry)
+    if not cases:
+        given = ", ".join(str(p) for p in paths) or "(nothing)"
+        raise InputError(
+            f"No input images found in {given}: expected files ending in {', '.join(SUPPORTED_IMAGE_SUFFIXES)} "
+            "or folders holding DICOM series"
+        )
+    return cases
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_image_atomic(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``image`` to ``path`` atomically and return the path.
+
+    The suffix must be one of :data:`WRITABLE_SUFFIXES` (``.nii``,
+    ``.nii.gz``, ``.nrrd``, ``.mha``); ``.nii.gz``, ``.nrrd`` and ``.mha`` are
+    compressed. The parent folder is created if missing. The image is written
+    to a hidden temporary file with the same suffix in the same folder,
+    flushed to disk, then renamed over ``path``; on any failure (including
+    an interrupt) the temporary file is removed and an existing ``path`` is
+    left untouched. Raises OutputError if the suffix is not writable, ``path``
+    exists and ``overwrite`` is False, or the folder cannot be written.
+    """
+    p = Path(path)
+    suffix = image_suffix(p)
+    if suffix not in WRITABLE_SUFFIXES:
+        raise OutputError(
+            f"Cannot write {p}: expected a file name ending in {', '.join(WRITABLE_SUFFIXES)}, got {suffix or 'no suffix'!r}"
+        )
+    if p.is_dir():
+        raise OutputError(f"Cannot write {p}: it is an existing folder, expected a file name")
+    if p.exists() and not overwrite:
+        raise OutputError(f"Output {p} already exists; pass --overwrite to replace it")
+    parent = p.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"Cannot create the output folder {parent}: {exc.strerror or exc}") from exc
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name[: -len(suffix)]}.tmp-", suffix=suffix, dir=parent)
+    except OSError as exc:
+        raise OutputError(f"Cannot write in the output folder {parent}: {exc.strerror or exc}") from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = sitk.ImageFileWriter()
+        writer.SetFileName(str(tmp))
+        writer.SetUseCompression(suffix in _COMPRESSED_SUFFIXES)
+        writer.Execute(image)
+        # mkstemp creates the file 0600; give the output ordinary permissions.
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, RuntimeError):
+            raise OutputError(f"Cannot write {p}: {_condense_itk_error(exc)}") from exc
+        if isinstance(exc, OSError):
+            raise OutputError(f"Cannot write {p}: {exc.strerror or exc}") from exc
+        raise
+    return p
