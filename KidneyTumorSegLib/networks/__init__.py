@@ -76,3 +76,9 @@ def count_flops(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
 
 
 # Network modules register themselves on import; one line per module below.
+from . import vbnet  # noqa: E402,F401
+from . import vnet  # noqa: E402,F401
+from . import liu_unet3d  # noqa: E402,F401
+from . import resunet3d  # noqa: E402,F401
+from . import vnet25d  # noqa: E402,F401
+from . import deeplab3d  # noqa: E402,F401
