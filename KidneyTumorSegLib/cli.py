@@ -114,7 +114,7 @@ def _summarize(stats: dict) -> str:
 
 
 def cmd_segment(args) -> int:
-    from .errors import KidneyTumorSegError
+    from .errors import KidneyTumorSegError, OutputError
     from .imageio import read_image, write_image_atomic
     from .models import load_package
     from .pipeline import Segmenter
@@ -122,7 +122,9 @@ def cmd_segment(args) -> int:
 
     plan = _output_plan(args.inputs, args.output)
     batch = len(plan) > 1 or not plan[0][1].name.endswith((".nii", ".nii.gz", ".nrrd")) or Path(args.output).is_dir()
-    for _, out in plan:
+    for case, out in plan:
+        if out.resolve() == case.resolve():
+            raise OutputError(f"-o {out} is the input itself; choose another output path")
         _check_output_free(out, args.overwrite)
         stats_out = _stats_path(args.stats, out, batch)
         if stats_out is not None:

@@ -291,7 +291,7 @@ def stage_input_channels(stage: StageSpec, manifest: ModelManifest, source: sitk
         if stage.inputs.mask_dilate_mm > 0:
             radius = [max(1, int(round(stage.inputs.mask_dilate_mm / s))) for s in mask_img.GetSpacing()]
             mask_img = sitk.BinaryDilate(mask_img, radius, sitk.sitkBall)
-        mask = sitk.GetArrayViewFromImage(geo.resample(mask_img, grid, sitk.sitkNearestNeighbor, 0)).astype(bool)
+        mask = sitk.GetArrayFromImage(geo.resample(mask_img, grid, sitk.sitkNearestNeighbor, 0)).astype(bool)
         hu[~mask] = stage.inputs.mask_fill_hu
     normalized = stage.normalization.apply(hu, out=hu)
     k = stage.inputs.slices_as_channels or 1
@@ -342,7 +342,7 @@ def write_back(stage: StageSpec, probs: np.ndarray, grid: geo.Grid, box: geo.Box
         nz = min(slab, start[2] + size[2] - z0)
         sub = geo.Grid((size[0], size[1], nz), tuple(image.GetSpacing()),
                        tuple(image.TransformIndexToPhysicalPoint((start[0], start[1], z0))), tuple(image.GetDirection()))
-        resampled = sitk.GetArrayViewFromImage(geo.resample(source, sub, interpolator, 0.0))
+        resampled = sitk.GetArrayFromImage(geo.resample(source, sub, interpolator, 0.0))
         labels = values[np.argmax(resampled, axis=-1)] if stage.resample_back == "probabilities" else resampled.astype(np.uint8)
         view = out[z0:z0 + nz, start[1]:start[1] + size[1], start[0]:start[0] + size[0]]
         if stage.role == "segment":

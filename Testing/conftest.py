@@ -96,11 +96,20 @@ def classifier_package(tmp_path):
     return save_test_package(tmp_path / "pkg", classifier_manifest())
 
 
-def ct_from_labels(labels: sitk.Image, air_outside_mm: float | None = None) -> sitk.Image:
-    """Piecewise-constant CT (int16 HU) from a label map, using TEST_HU; same geometry."""
+def ct_from_labels(labels: sitk.Image) -> sitk.Image:
+    """Piecewise-constant CT (int16 HU) from a label map, using TEST_HU, with air (-1000 HU)
+    outside the body: voxels in the outer 5 % of every array axis that hold no label. Same geometry."""
     arr = sitk.GetArrayViewFromImage(labels)
     lut = np.array([TEST_HU[0], TEST_HU[1], TEST_HU[2], TEST_HU[3]], dtype=np.int16)
-    ct = sitk.GetImageFromArray(lut[arr])
+    hu = lut[arr]
+    border = np.zeros(arr.shape, dtype=bool)
+    for axis, n in enumerate(arr.shape):
+        w = max(1, n // 20)
+        index = [slice(None)] * 3
+        index[axis] = np.r_[0:w, n - w:n]
+        border[tuple(index)] = True
+    hu[border & (arr == 0)] = -1000
+    ct = sitk.GetImageFromArray(hu)
     ct.CopyInformation(labels)
     return ct
 

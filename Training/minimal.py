@@ -177,8 +177,13 @@ def train_stage(manifest: ModelManifest, stage_name: str, examples: list[Example
     return copy.deepcopy(net.state_dict())
 
 
-def make_phantoms(n: int, seed: int, size=(160, 160, 96), spacing=(2.5, 2.5, 3.0)):
-    """``n`` procedural phantom cases (CT, labels) with varied kidneys, tumors and cysts."""
+#: (size, spacing) of the training phantoms: ~400 mm fields of view at several resolutions, so the
+#: networks see the texture that resampling from thin and thick slices produces.
+PHANTOM_GRIDS = (((160, 160, 96), (2.5, 2.5, 3.0)), ((256, 256, 110), (1.5, 1.5, 2.5)), ((200, 200, 56), (2.0, 2.0, 5.0)))
+
+
+def make_phantoms(n: int, seed: int):
+    """``n`` procedural phantom cases (CT, labels) with varied kidneys, tumors, cysts and grids."""
     from .phantoms import procedural_phantom
 
     rng = np.random.default_rng(seed)
@@ -186,6 +191,7 @@ def make_phantoms(n: int, seed: int, size=(160, 160, 96), spacing=(2.5, 2.5, 3.0
     cases = []
     for i in range(n):
         kidneys = layouts[int(rng.integers(len(layouts)))]
+        size, spacing = PHANTOM_GRIDS[i % len(PHANTOM_GRIDS)]
         cases.append(procedural_phantom(size, spacing, seed=seed * 1000 + i, kidneys=kidneys,
                                         tumors=int(rng.integers(0, 3)), cysts=int(rng.integers(0, 2)),
                                         cut_by_fov=bool(rng.random() < 0.1)))
@@ -224,7 +230,7 @@ def main(argv=None) -> int:
     manifest_dict["provenance"] = {
         "recipe": "Training.minimal (two-stage VB-Net, CPU settings)",
         "data": f"{args.cases} procedural phantoms (Training.phantoms.procedural_phantom, seed {args.seed}, "
-                "160x160x96 voxels at 2.5x2.5x3 mm)",
+                f"grids {PHANTOM_GRIDS})",
         "trained_on": "synthetic procedural phantoms only",
         "commit": git_commit(),
         "command": "python -m Training.minimal " + " ".join(argv if argv is not None else sys.argv[1:]),

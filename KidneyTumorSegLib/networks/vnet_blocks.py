@@ -12,46 +12,26 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-NORMS = ("batch", "instance", "none")
-ACTIVATIONS = ("relu", "prelu")
+from . import blocks
+
+NORMS = blocks.NORMS
+ACTIVATIONS = blocks.ACTIVATIONS
 
 
 def make_norm(norm: str, channels: int) -> nn.Module:
-    """Normalization layer named ``norm`` ("batch", "instance" or "none") for ``channels`` channels."""
-    if norm == "batch":
-        return nn.BatchNorm3d(channels)
-    if norm == "instance":
-        # affine so that instance norm has the same learnable scale/shift as batch norm
-        return nn.InstanceNorm3d(channels, affine=True)
-    if norm == "none":
-        return nn.Identity()
-    raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
+    """3D normalization layer named ``norm`` ("batch", "instance" or "none") (see ``blocks.make_norm``)."""
+    return blocks.make_norm(norm, 3, channels)
 
 
-def make_activation(activation: str, channels: int) -> nn.Module:
-    """Activation named ``activation``: "relu" (in place) or "prelu" (one slope per channel)."""
-    if activation == "relu":
-        return nn.ReLU(inplace=True)
-    if activation == "prelu":
-        return nn.PReLU(channels)
-    raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+make_activation = blocks.make_activation
 
 
-class ConvNormAct(nn.Sequential):
-    """Conv3d ('same' padding, odd ``kernel_size``) -> norm -> optional activation."""
+class ConvNormAct(blocks.ConvNormAct):
+    """Conv3d ('same' padding, odd ``kernel_size``) -> norm -> optional activation (``blocks.ConvNormAct`` in 3D)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm: str,
                  activation: Optional[str]):
-        if kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd to keep the spatial size; got {kernel_size}")
-        layers = [
-            # a bias before a normalization layer is redundant work
-            nn.Conv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm == "none"),
-            make_norm(norm, out_channels),
-        ]
-        if activation is not None:
-            layers.append(make_activation(activation, out_channels))
-        super().__init__(*layers)
+        super().__init__(3, in_channels, out_channels, kernel_size, norm=norm, activation=activation)
 
 
 class _ResidualStage(nn.Module):
