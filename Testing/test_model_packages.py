@@ -148,3 +148,40 @@ def test_bundled_default_model_is_listed_and_valid():
     pkg = load_package(None)  # verifies every checksum
     assert "not for clinical use" in pkg.manifest.intended_use.lower()
     assert pkg.manifest.provenance.get("trained_on")
+
+
+def test_install_from_a_url_checks_the_sha256(tmp_path, user_models):
+    """Download over a loopback HTTP server (no outside network): wrong checksum refused, right one installed."""
+    import functools
+    import http.server
+    import threading
+
+    from KidneyTumorSegLib.models import sha256_file
+
+    pkg = save_test_package(tmp_path / "pkg", classifier_manifest(name="url-model"))
+    serve = tmp_path / "serve"
+    serve.mkdir()
+    archive = serve / "model.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in pkg.root.iterdir():
+            z.write(f, f.name)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(serve))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/model.zip"
+        with pytest.raises(ModelPackageError, match="does not match the expected"):
+            install_model(url, sha256="f" * 64)
+        assert not (user_models / "url-model").exists()
+        seen = []
+        info = install_model(url, sha256=sha256_file(archive), progress=lambda done, total: seen.append((done, total)))
+        assert info.path == user_models / "url-model"
+        assert seen and seen[-1][0] == archive.stat().st_size
+        with pytest.raises(ModelPackageError, match="download of .* failed"):
+            install_model(url.replace("model.zip", "missing.zip"), sha256="0" * 64)
+    finally:
+        server.shutdown()
+    # no stray temporary folders left behind
+    assert sorted(p.name for p in user_models.iterdir()) == ["url-model"]

@@ -210,7 +210,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m Training.minimal", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="model package folder to write")
     parser.add_argument("--cases", type=int, default=24, help="training phantoms (default 24)")
-    parser.add_argument("--iterations", type=int, default=400, help="iterations per stage (default 400)")
+    parser.add_argument("--iterations", type=int, default=400, help="iterations of the fine stage (default 400)")
+    parser.add_argument("--coarse-iterations", type=int, default=None,
+                        help="iterations of the coarse stage (default: same as --iterations; it converges faster)")
     parser.add_argument("--fine-spacing", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
@@ -226,7 +228,8 @@ def main(argv=None) -> int:
     for stage in manifest.stages:
         examples = [ex for ct, lab in cases for ex in stage_examples(manifest, stage.name, ct, lab)]
         logger.info("stage %s: %d training volumes", stage.name, len(examples))
-        states[stage.weights[0].file] = train_stage(manifest, stage.name, examples, args.iterations, args.seed)
+        iterations = args.coarse_iterations if stage.role == "localize" and args.coarse_iterations else args.iterations
+        states[stage.weights[0].file] = train_stage(manifest, stage.name, examples, iterations, args.seed)
     manifest_dict["provenance"] = {
         "recipe": "Training.minimal (two-stage VB-Net, CPU settings)",
         "data": f"{args.cases} procedural phantoms (Training.phantoms.procedural_phantom, seed {args.seed}, "
@@ -235,7 +238,7 @@ def main(argv=None) -> int:
         "commit": git_commit(),
         "command": "python -m Training.minimal " + " ".join(argv if argv is not None else sys.argv[1:]),
         "training_seconds": round(time.perf_counter() - t0, 1),
-        "iterations_per_stage": args.iterations,
+        "iterations": {"coarse": args.coarse_iterations or args.iterations, "fine": args.iterations},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     package = save_package(Path(args.out), manifest_dict, states, overwrite=args.overwrite)

@@ -1,0 +1,1122 @@
+"""Tests of the KidneyTumorSeg Slicer module outside Slicer.
+
+The module runs against the Slicer stand-in in ``Testing/slicer_shim`` (real VTK from PyPI,
+Slicer's function names and signatures, RAS<->LPS done for real). The library's command line is
+replaced by a fake ``KidneyTumorSegLib`` package written to a temporary folder and run by the
+module's real process runner (``python -m KidneyTumorSegLib ...`` in a subprocess), so command
+lines, progress parsing, process-tree killing and temporary-file cleanup are the real code paths.
+The fake thresholds the CT it receives and writes the label map with the input's own geometry.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import struct
+import sys
+import textwrap
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+try:
+    import vtk
+except ImportError:  # pragma: no cover - depends on the machine
+    if os.environ.get("CI"):
+        raise ImportError("the Slicer stand-in needs VTK from PyPI: pip install vtk (test dependency)")
+    pytest.skip("the Slicer stand-in uses VTK from PyPI (pip install vtk)", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parent.parent
+MODULE_DIR = REPO / "KidneyTumorSeg"
+HELPERS_DIR = MODULE_DIR / "KidneyTumorSegHelpers"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "KidneyTumorSeg.ui"
+SHIM_DIR = Path(__file__).resolve().parent / "slicer_shim"
+SLICER_API_DOC = REPO.parent / "shared" / "SLICER_API.md"
+
+for path in (str(SHIM_DIR), str(MODULE_DIR)):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import qt  # noqa: E402  (the stand-in)
+import slicer  # noqa: E402
+
+import KidneyTumorSeg  # noqa: E402
+from KidneyTumorSegHelpers import batch, process, results, segments, terminology  # noqa: E402
+from KidneyTumorSegHelpers.logic import KidneyTumorSegLogic, SegmentationError  # noqa: E402
+
+# --------------------------------------------------------------------------------------------
+# The fake library CLI (same arguments and output contract as KidneyTumorSegLib's CLI)
+# --------------------------------------------------------------------------------------------
+
+FAKE_MAIN = textwrap.dedent('''
+    import argparse, json, os, subprocess, sys, time
+
+    def record(name, data):
+        folder = os.environ.get("FAKE_KTS_RECORD")
+        if folder:
+            with open(os.path.join(folder, name), "w") as f:
+                json.dump(data, f)
+
+    def progress(fraction, message):
+        print(json.dumps({"progress": fraction, "message": message}), file=sys.stderr, flush=True)
+
+    parser = argparse.ArgumentParser(prog="KidneyTumorSegLib")
+    sub = parser.add_subparsers(dest="command", required=True)
+    seg = sub.add_parser("segment")
+    seg.add_argument("inputs", nargs="+")
+    seg.add_argument("-o", "--output", required=True)
+    seg.add_argument("--model")
+    seg.add_argument("--device", default="auto")
+    seg.add_argument("--tta", action="store_true")
+    seg.add_argument("--overwrite", action="store_true")
+    seg.add_argument("--force", action="store_true")
+    seg.add_argument("--stats")
+    seg.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    models = sub.add_parser("models")
+    models.add_argument("action", choices=["list"])
+    models.add_argument("--json", action="store_true")
+    devices = sub.add_parser("devices")
+    devices.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    behaviour = os.environ.get("FAKE_KTS_BEHAVIOUR", "ok")
+
+    if args.command == "models":
+        print("INFO some log line before the document", file=sys.stderr)
+        print(json.dumps([{"name": "fake-phantom", "version": "1.0", "description": "Fake model",
+                           "intended_use": "tests on phantoms", "path": "/models/fake-phantom",
+                           "labels": {"kidney": 1, "tumor": 2, "cyst": 3}, "has_cyst": True, "default": True},
+                          {"name": "nocyst", "version": "0.1", "description": "No cysts", "intended_use": "tests",
+                           "path": "/models/nocyst", "labels": {"kidney": 1, "tumor": 2}, "has_cyst": False,
+                           "default": False}], indent=1))
+        sys.exit(0)
+    if args.command == "devices":
+        if behaviour == "nodevices":
+            print("error: torch is not installed", file=sys.stderr)
+            sys.exit(1)
+        print(json.dumps([{"kind": "cpu", "name": "cpu", "memory_bytes": None},
+                          {"kind": "cuda", "name": "Fake GPU", "memory_bytes": 8 * 1024 ** 3}]))
+        sys.exit(0)
+
+    import numpy as np  # only the segment command needs them (keeps listing fast)
+    import SimpleITK as sitk
+
+    record("argv.json", sys.argv[1:])
+    image = sitk.ReadImage(args.inputs[0])
+    record("input_geometry.json", {"size": image.GetSize(), "spacing": image.GetSpacing(),
+                                   "origin": image.GetOrigin(), "direction": image.GetDirection()})
+    progress(0.1, "coarse stage")
+    print("plain log text", file=sys.stderr, flush=True)
+    if behaviour == "hang":
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        record("pids.json", [os.getpid(), child.pid])
+        progress(0.2, "fine stage: kidney 1/2")
+        time.sleep(120)
+    if behaviour == "oom":
+        print("error: CUDA out of memory while segmenting (tried to allocate 2.0 GiB); try --device cpu",
+              file=sys.stderr)
+        sys.exit(1)
+    if behaviour == "crash":
+        print("Traceback (most recent call last):", file=sys.stderr)
+        print("RuntimeError: something broke", file=sys.stderr)
+        sys.exit(3)
+    ct = sitk.GetArrayFromImage(image)
+    labels = np.zeros(ct.shape, np.uint8)
+    labels[(ct >= 150) & (ct < 300)] = 1
+    labels[(ct >= 60) & (ct < 100)] = 2
+    labels[(ct >= 0) & (ct < 20)] = 3
+    out = sitk.GetImageFromArray(labels)
+    out.CopyInformation(image)
+    if behaviour == "badgrid":
+        out.SetOrigin([o + 5.0 for o in image.GetOrigin()])
+    progress(0.9, "post-processing")
+    sitk.WriteImage(out, args.output)
+    ml = float(np.prod(image.GetSpacing())) / 1000.0
+    stats = {"kidneys": [{"side": "right", "volume_ml": float((labels == 1).sum()) * ml, "tumor_volume_ml": 0.0,
+                          "centroid_lps_mm": [0, 0, 0]}],
+             "tumors": {"count": int((labels == 2).any()), "total_volume_ml": float((labels == 2).sum()) * ml,
+                        "largest_diameter_mm": 9.5, "items": []},
+             "cysts": {"count": int((labels == 3).any()), "total_volume_ml": float((labels == 3).sum()) * ml,
+                       "largest_diameter_mm": 4.0, "items": []},
+             "labels_present": sorted(int(v) for v in np.unique(labels) if v)}
+    with open(args.stats, "w") as f:
+        json.dump(stats, f)
+    progress(1.0, "done")
+''')
+
+
+@pytest.fixture(scope="session")
+def fakeLibraryRoot(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fakelib")
+    package = root / "KidneyTumorSegLib"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(FAKE_MAIN)
+    return str(root)
+
+
+@pytest.fixture
+def scene(monkeypatch, tmp_path):
+    """A fresh Slicer scene, event loop, dialog answers and module registry for each test."""
+    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene())
+    monkeypatch.setattr(slicer, "modules", SimpleNamespace(kidneytumorseg=SimpleNamespace(path=str(MODULE_DIR / "KidneyTumorSeg.py"))))
+    monkeypatch.setattr(slicer.app, "temporaryPath", str(tmp_path / "slicer-temp"))
+    os.makedirs(slicer.app.temporaryPath)
+    slicer._shim.reset()
+    qt._resetEventLoop()
+    record = tmp_path / "record"
+    record.mkdir()
+    monkeypatch.setenv("FAKE_KTS_RECORD", str(record))
+    monkeypatch.setenv("FAKE_KTS_BEHAVIOUR", "ok")
+    yield SimpleNamespace(record=record, tmp=tmp_path)
+    qt._resetEventLoop()
+
+
+@pytest.fixture
+def logic(fakeLibraryRoot, scene):
+    result = KidneyTumorSegLogic(python=sys.executable, libraryRoot=fakeLibraryRoot)
+    result.findSpec = lambda name: object() if name == "torch" else None
+    return result
+
+
+# Phantom: kidney 200 HU, tumor 80 HU, cyst 10 HU inside the kidney, body 40 HU, air -1000.
+KIDNEY_HU, TUMOR_HU, CYST_HU = 200, 80, 10
+
+
+def makeCT():
+    ct = np.full((12, 16, 20), -1000, dtype=np.int16)   # (k, j, i)
+    ct[1:11, 2:14, 2:18] = 40
+    ct[3:9, 4:12, 3:10] = KIDNEY_HU
+    ct[4:7, 5:8, 4:7] = TUMOR_HU
+    ct[6:8, 9:11, 7:9] = CYST_HU
+    ct[3:9, 4:12, 12:17] = KIDNEY_HU
+    return ct
+
+
+def obliqueIjkToRas():
+    """Non-trivial geometry: anisotropic spacing, rotation about S, a flipped axis, an offset."""
+    angle = np.deg2rad(20.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1.0]])
+    directions = rotation @ np.diag([-1.0, 1.0, 1.0])
+    matrix = np.eye(4)
+    matrix[:3, :3] = directions * np.array([0.8, 0.9, 2.5])
+    matrix[:3, 3] = (12.5, -30.0, 101.0)
+    return matrix
+
+
+def addCT(name="Abdomen CT"):
+    return slicer.util.addVolumeFromArray(makeCT(), ijkToRAS=obliqueIjkToRas(), name=name)
+
+
+def segmentArray(segmentationNode, name, volume):
+    segmentation = segmentationNode.GetSegmentation()
+    segmentId = segmentation.GetSegmentIdBySegmentName(name)
+    assert segmentId, f"no segment named {name}"
+    return slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volume)
+
+
+def segmentNames(segmentationNode):
+    segmentation = segmentationNode.GetSegmentation()
+    return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+
+
+def terminologyOf(segmentationNode, name):
+    segmentation = segmentationNode.GetSegmentation()
+    segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(name))
+    value = vtk.reference("")
+    assert segment.GetTag(segment.GetTerminologyEntryTagName(), value)
+    return str(value)
+
+
+def pidAlive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) is not running.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def waitFor(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for a condition")
+        slicer.app.processEvents()
+        time.sleep(0.01)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers: command line, progress lines, terminology, results
+# --------------------------------------------------------------------------------------------
+
+def test_segment_command_line_follows_the_cli_contract():
+    args = process.buildSegmentCommand("/s/PythonSlicer", "/t/in.nrrd", "/t/labels.nii.gz", "/t/stats.json",
+                                       model="kits-model", device="cuda", tta=True, force=True)
+    assert args == ["/s/PythonSlicer", "-m", "KidneyTumorSegLib", "segment", "/t/in.nrrd", "-o", "/t/labels.nii.gz",
+                    "--device", "cuda", "--stats", "/t/stats.json", "--progress", "json", "--overwrite",
+                    "--model", "kits-model", "--tta", "--force"]
+    plain = process.buildSegmentCommand("py", "in", "out", "st")
+    assert "--model" not in plain and "--tta" not in plain and "--force" not in plain
+    with pytest.raises(ValueError, match="device must be one of"):
+        process.buildSegmentCommand("py", "in", "out", "st", device="gpu")
+    assert process.buildListModelsCommand("py") == ["py", "-m", "KidneyTumorSegLib", "models", "list", "--json"]
+    assert process.buildListDevicesCommand("py") == ["py", "-m", "KidneyTumorSegLib", "devices", "--json"]
+
+
+def test_command_line_is_accepted_by_the_real_library_parser():
+    cli = pytest.importorskip("KidneyTumorSegLib.cli")
+    if not hasattr(cli, "build_parser"):
+        pytest.skip("KidneyTumorSegLib.cli has no build_parser yet")
+    parser = cli.build_parser()
+    full = process.buildSegmentCommand("py", "in.nrrd", "out.nii.gz", "stats.json", model="m", device="mps",
+                                       tta=True, force=True)
+    parsed = parser.parse_args(full[3:])
+    assert (parsed.command, parsed.output, parsed.model, parsed.device, parsed.tta, parsed.force, parsed.stats,
+            parsed.progress, parsed.overwrite) == ("segment", "out.nii.gz", "m", "mps", True, True, "stats.json",
+                                                   "json", True)
+    assert parser.parse_args(process.buildListModelsCommand("py")[3:]).json is True
+    assert parser.parse_args(process.buildListDevicesCommand("py")[3:]).json is True
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"progress": 0.42, "message": "fine stage: kidney 1/2"}\n', process.ProgressLine(0.42, "fine stage: kidney 1/2")),
+    ('{"progress": 1.7}', process.ProgressLine(1.0, "")),
+    ('{"progress": -0.2, "message": "x"}', process.ProgressLine(0.0, "x")),
+    ('{"progress": true, "message": "x"}', process.LogLine('{"progress": true, "message": "x"}')),
+    ('{"other": 1}', process.LogLine('{"other": 1}')),
+    ('{not json', process.LogLine('{not json')),
+    ("error: the input is not a 3D CT (got 2 dimensions)", process.ErrorLine("the input is not a 3D CT (got 2 dimensions)")),
+    ("INFO loading model\r\n", process.LogLine("INFO loading model")),
+])
+def test_output_lines_are_classified(line, expected):
+    assert process.parseOutputLine(line) == expected
+
+
+def test_failure_message_and_out_of_memory_detection():
+    lines = ['{"progress": 0.3, "message": "coarse"}', "log", "error: CUDA out of memory (GPU 0; 4 GiB)", "trailing"]
+    assert process.failureMessage(lines, 1) == "CUDA out of memory (GPU 0; 4 GiB)"
+    assert process.failureMessage(["Traceback", "RuntimeError: boom", '{"progress": 0.5}'], 3) == "RuntimeError: boom"
+    assert process.failureMessage([], 9) == "the segmentation process exited with code 9"
+    assert process.isOutOfMemoryMessage("CUDA out of memory")
+    assert process.isOutOfMemoryMessage("InsufficientMemoryError: needs 30 GB")
+    assert not process.isOutOfMemoryMessage("model package is corrupt")
+
+
+def test_json_document_found_after_log_lines():
+    assert process.parseJsonOutput(["INFO x", "[", ' {"a": 1}', "]", "done"]) == [{"a": 1}]
+    with pytest.raises(ValueError):
+        process.parseJsonOutput(["no json here"])
+
+
+def test_library_root_found_in_source_checkout_and_installed_layout(tmp_path):
+    assert process.findLibraryRoot(str(MODULE_DIR)) == str(REPO)
+    installed = tmp_path / "qt-scripted-modules"
+    (installed / "KidneyTumorSegLib").mkdir(parents=True)
+    (installed / "KidneyTumorSegLib" / "__init__.py").write_text("")
+    assert process.findLibraryRoot(str(installed)) == str(installed)
+    assert process.findLibraryRoot(str(tmp_path / "nowhere" / "module")) is None
+
+
+def test_environment_puts_the_library_first_on_pythonpath():
+    env = process.buildEnvironment("/lib/root", {"PYTHONPATH": "/other", "KEEP": "1"})
+    assert env["PYTHONPATH"] == "/lib/root" + os.pathsep + "/other"
+    assert env["KEEP"] == "1" and env["PYTHONUNBUFFERED"] == "1"
+    assert process.buildEnvironment("/lib/root", {})["PYTHONPATH"] == "/lib/root"
+
+
+def test_python_slicer_found_in_slicer_bin_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert process.findPythonSlicer(str(tmp_path)) is None
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "PythonSlicer").write_text("")
+    assert process.findPythonSlicer(str(tmp_path)) == str(tmp_path / "bin" / "PythonSlicer")
+
+
+def test_terminology_entries_use_slicers_codes():
+    kidney = terminology.parseTerminologyEntry(terminology.KIDNEY_SEGMENT.terminology)
+    assert kidney["category"] == "SCT^123037004^Anatomical Structure"
+    assert kidney["type"] == "SCT^64033007^Kidney"
+    assert kidney["typeModifier"] == "^^"
+    tumor = terminology.parseTerminologyEntry(terminology.TUMOR_SEGMENT.terminology)
+    assert (tumor["category"], tumor["type"], tumor["region"]) == (
+        "SCT^49755003^Morphologically Altered Structure", "SCT^4147007^Mass", "SCT^64033007^Kidney")
+    cyst = terminology.parseTerminologyEntry(terminology.CYST_SEGMENT.terminology)
+    assert (cyst["type"], cyst["region"]) == ("SCT^367643001^Cyst", "SCT^64033007^Kidney")
+    assert terminology.KIDNEY_SEGMENT.color == pytest.approx((185 / 255, 102 / 255, 83 / 255))
+    if SLICER_API_DOC.is_file():  # the project's API reference lists the same codes
+        text = SLICER_API_DOC.read_text()
+        for code in ("SCT^64033007^Kidney", "SCT^123037004^Anatomical Structure", "SCT^4147007^Mass",
+                     "SCT^49755003^Morphologically Altered Structure", "SCT^367643001^Cyst"):
+            assert code.split("^")[1] in text
+    with pytest.raises(ValueError, match="7"):
+        terminology.parseTerminologyEntry("a~b")
+
+
+def test_label_values_match_the_library():
+    labels = pytest.importorskip("KidneyTumorSegLib.labels")
+    assert (terminology.KIDNEY_LABEL, terminology.TUMOR_LABEL, terminology.CYST_LABEL) == (
+        labels.KIDNEY, labels.TUMOR, labels.CYST)
+
+
+def test_segment_plan_merges_cysts_into_kidney_unless_asked():
+    k, t, c = terminology.KIDNEY_SEGMENT, terminology.TUMOR_SEGMENT, terminology.CYST_SEGMENT
+    assert terminology.segmentPlan(True, True) == {k: (1,), t: (2,), c: (3,)}
+    assert terminology.segmentPlan(True, False) == {k: (1, 3), t: (2,)}
+    assert terminology.segmentPlan(False, True) == {k: (1, 3), t: (2,)}
+
+
+STATS = {"kidneys": [{"side": "left", "volume_ml": 150.04, "tumor_volume_ml": 0.0, "centroid_lps_mm": [1, 2, 3]},
+                     {"side": "right", "volume_ml": 162.46, "tumor_volume_ml": 12.34, "centroid_lps_mm": [4, 5, 6]}],
+         "tumors": {"count": 1, "total_volume_ml": 12.34, "largest_diameter_mm": 31.25, "items": []},
+         "cysts": {"count": 0, "total_volume_ml": 0.0, "largest_diameter_mm": None, "items": []},
+         "labels_present": [1, 2]}
+
+
+def test_results_table_rows_and_summary():
+    assert results.tableRows(STATS) == [
+        ("Kidney (right)", "162.5", "tumor 12.3 mL"),
+        ("Kidney (left)", "150.0", "no tumor"),
+        ("Tumors", "12.3", "1 found; largest diameter 31.2 mm"),
+        ("Cysts", "0.0", "none found")]
+    assert results.tableRows({"kidneys": []}) == [("Kidney", "0.0", "no kidney found")]
+    assert results.summaryText(STATS) == "2 kidneys, 1 tumor (12.3 mL), no cyst"
+
+
+def test_csv_row():
+    row = results.csvRow("case_1", "ok", stats=STATS, seconds=12.345, segmentationFile="case_1.seg.nrrd")
+    assert row["right_kidney_ml"] == "162.46" and row["left_kidney_ml"] == "150.04" and row["other_kidney_ml"] == ""
+    assert (row["tumor_count"], row["tumor_total_ml"], row["tumor_largest_diameter_mm"]) == ("1", "12.34", "31.2")
+    assert (row["cyst_count"], row["cyst_total_ml"], row["seconds"]) == ("0", "0.00", "12.3")
+    failed = results.csvRow("case_2", "failed", "no CT volume")
+    assert failed["tumor_count"] == "" and failed["message"] == "no CT volume"
+    assert set(row) == set(results.CSV_COLUMNS)
+
+
+@pytest.mark.parametrize("scalarRange, problem", [
+    ((-1024, 1500), ""), ((-150, 400), ""), ((0, 4095), "lowest intensity is 0"), ((-1000, 50), "highest intensity is 50")])
+def test_ct_intensity_check(scalarRange, problem):
+    found = results.ctIntensityProblem(scalarRange)
+    assert (problem in found) if problem else found == ""
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: RAS (Slicer) vs LPS (ITK)
+# --------------------------------------------------------------------------------------------
+
+def test_volume_geometry_is_converted_to_lps(scene):
+    volume = addCT()
+    size, spacing, origin, direction = segments.volumeGeometryLPS(volume)
+    matrix = obliqueIjkToRas()
+    assert size == (20, 16, 12)
+    assert spacing == pytest.approx([0.8, 0.9, 2.5])
+    assert origin == pytest.approx([-12.5, 30.0, 101.0])
+    assert direction == pytest.approx(np.diag([-1, -1, 1]) @ (matrix[:3, :3] / [0.8, 0.9, 2.5]))
+
+
+def test_label_map_not_on_the_input_grid_is_rejected(scene):
+    volume = addCT()
+    image = sitk.GetImageFromArray(np.zeros((12, 16, 20), np.uint8))
+    size, spacing, origin, direction = segments.volumeGeometryLPS(volume)
+    image.SetSpacing(tuple(spacing))
+    image.SetOrigin(tuple(origin))
+    image.SetDirection(tuple(direction.ravel()))
+    segments.checkSameGrid(image, volume)  # same grid: accepted
+    rasOrigin = image.GetOrigin()
+    image.SetOrigin((-rasOrigin[0], -rasOrigin[1], rasOrigin[2]))  # the classic RAS/LPS mix-up
+    with pytest.raises(segments.GeometryMismatchError, match="origin"):
+        segments.checkSameGrid(image, volume)
+    with pytest.raises(segments.GeometryMismatchError, match="size"):
+        segments.checkSameGrid(sitk.Image(20, 16, 11, sitk.sitkUInt8), volume)
+
+
+# --------------------------------------------------------------------------------------------
+# The logic, end to end through a real subprocess
+# --------------------------------------------------------------------------------------------
+
+def test_segment_end_to_end(logic, scene):
+    volume = addCT()
+    before = slicer.util.arrayFromVolume(volume).copy()
+    progress = []
+    node = logic.segment(volume, model="fake-phantom", device="cpu", progressCallback=lambda f, m: progress.append((f, m)))
+
+    # The library got the command line of the contract and an input in LPS with the volume's geometry.
+    argv = json.loads((scene.record / "argv.json").read_text())
+    assert argv == ["segment", argv[1], "-o", argv[3], "--device", "cpu", "--stats", argv[7], "--progress", "json",
+                    "--overwrite", "--model", "fake-phantom"]
+    tempDir = os.path.dirname(argv[1])
+    assert os.path.dirname(tempDir) == slicer.app.temporaryPath
+    assert [os.path.basename(argv[i]) for i in (1, 3, 7)] == ["input.nrrd", "labels.nii.gz", "stats.json"]
+    assert all(os.path.dirname(argv[i]) == tempDir for i in (3, 7))
+    geometry = json.loads((scene.record / "input_geometry.json").read_text())
+    size, spacing, origin, direction = segments.volumeGeometryLPS(volume)
+    assert tuple(geometry["size"]) == size
+    assert geometry["origin"] == pytest.approx([-12.5, 30.0, 101.0])
+    assert np.array(geometry["direction"]).reshape(3, 3) == pytest.approx(direction)
+
+    # Segments: names, colours, terminology, exact voxels on the input's grid.
+    assert node.GetName() == "Abdomen CT kidney segmentation"
+    assert segmentNames(node) == ["Kidney", "Tumor", "Cyst"]
+    ct = makeCT()
+    np.testing.assert_array_equal(segmentArray(node, "Kidney", volume), (ct == KIDNEY_HU).astype(np.uint8))
+    np.testing.assert_array_equal(segmentArray(node, "Tumor", volume), (ct == TUMOR_HU).astype(np.uint8))
+    np.testing.assert_array_equal(segmentArray(node, "Cyst", volume), (ct == CYST_HU).astype(np.uint8))
+    for spec in terminology.ALL_SEGMENTS:
+        assert terminologyOf(node, spec.name) == spec.terminology
+        segment = node.GetSegmentation().GetSegment(node.GetSegmentation().GetSegmentIdBySegmentName(spec.name))
+        assert segment.GetColor() == pytest.approx(spec.color)
+        assert not segment.GetNameAutoGenerated() and not segment.GetColorAutoGenerated()
+    assert node.GetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole()) == volume.GetID()
+    assert node._closedSurface and node._sourceRepresentation == "Binary labelmap"
+    assert node.GetDisplayNode() is not None
+
+    # Placed with the volume in the subject hierarchy; measurements kept on the node.
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    assert sh.GetItemParent(sh.GetItemByDataNode(node)) == sh.GetItemParent(sh.GetItemByDataNode(volume))
+    stats = json.loads(node.GetAttribute("KidneyTumorSeg.Stats"))
+    assert stats["labels_present"] == [1, 2, 3] and logic.lastRun.stats == stats
+
+    # Progress went forward to 1; the input is untouched; nothing is left in the temporary folder.
+    fractions = [f for f, _ in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert [m for _, m in progress] == ["starting", "coarse stage", "post-processing", "done", "done"]
+    assert "plain log text" in logic.lastRun.logLines
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume), before)
+    assert os.listdir(slicer.app.temporaryPath) == []
+
+
+def test_cysts_stay_in_kidney_when_not_wanted(logic, scene):
+    volume = addCT()
+    node = logic.segment(volume, cystSegment=False)
+    ct = makeCT()
+    assert segmentNames(node) == ["Kidney", "Tumor"]
+    np.testing.assert_array_equal(segmentArray(node, "Kidney", volume), np.isin(ct, (KIDNEY_HU, CYST_HU)).astype(np.uint8))
+
+
+def test_existing_segmentation_keeps_other_segments(logic, scene):
+    volume = addCT()
+    target = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "My work")
+    target.CreateDefaultDisplayNodes()
+    target.GetSegmentation().AddEmptySegment("", "Liver")
+    target.GetSegmentation().AddEmptySegment("", "Kidney")
+    assert logic.segmentsToReplace(target) == ["Kidney"]
+    node = logic.segment(volume, target)
+    assert node is target
+    assert sorted(segmentNames(node)) == ["Cyst", "Kidney", "Liver", "Tumor"]
+    assert len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")) == 1
+
+
+def test_cancel_mid_run_kills_the_process_tree_and_leaves_nothing(logic, scene, monkeypatch):
+    monkeypatch.setenv("FAKE_KTS_BEHAVIOUR", "hang")
+    volume = addCT()
+    messages = []
+    run = logic.startSegmentation(volume, onProgress=lambda f, m: messages.append(m))
+    tempDir = run.tempDir
+    assert os.path.isfile(os.path.join(tempDir, "input.nrrd"))
+    pidsFile = scene.record / "pids.json"
+    waitFor(lambda: run.poll() or ("fine stage: kidney 1/2" in messages and pidsFile.exists()))
+    pids = json.loads(pidsFile.read_text())
+    assert all(pidAlive(pid) for pid in pids)
+    started = time.monotonic()
+    run.cancel()
+    assert time.monotonic() - started < 5.0
+    assert run.state == "cancelled" and run.error.cancelled
+    waitFor(lambda: not any(pidAlive(pid) for pid in pids), timeout=5.0)
+    assert not os.path.exists(tempDir)
+    assert slicer.util.getNodesByClass("vtkMRMLSegmentationNode") == []
+    assert logic.activeRun is None
+
+
+def test_blocking_segment_can_be_cancelled_from_its_progress_callback(logic, scene, monkeypatch):
+    monkeypatch.setenv("FAKE_KTS_BEHAVIOUR", "hang")
+    volume = addCT()
+    with pytest.raises(SegmentationError) as info:
+        logic.segment(volume, progressCallback=lambda f, m: logic.cancel() if f >= 0.2 else None)
+    assert info.value.cancelled
+    assert slicer.util.getNodesByClass("vtkMRMLSegmentationNode") == []
+    assert os.listdir(slicer.app.temporaryPath) == []
+
+
+@pytest.mark.parametrize("behaviour, message, outOfMemory", [
+    ("oom", "CUDA out of memory while segmenting (tried to allocate 2.0 GiB); try --device cpu", True),
+    ("crash", "RuntimeError: something broke", False),
+    ("badgrid", "the result could not be loaded: label map origin", False),
+])
+def test_failed_runs_report_and_add_nothing(logic, scene, monkeypatch, behaviour, message, outOfMemory):
+    monkeypatch.setenv("FAKE_KTS_BEHAVIOUR", behaviour)
+    volume = addCT()
+    with pytest.raises(SegmentationError) as info:
+        logic.segment(volume, device="cuda")
+    assert str(info.value).startswith(message)
+    assert info.value.outOfMemory is outOfMemory and not info.value.cancelled
+    assert slicer.util.getNodesByClass("vtkMRMLSegmentationNode") == []
+    assert os.listdir(slicer.app.temporaryPath) == []
+
+
+def test_bad_input_volumes_are_refused(logic, scene):
+    assert logic.inputProblem(None) == "Select an input CT volume."
+    labelmap = slicer.util.addVolumeFromArray(np.zeros((8, 8, 8), np.uint8), name="labels",
+                                              nodeClassName="vtkMRMLLabelMapVolumeNode")
+    assert "not a scalar" in logic.inputProblem(labelmap)
+    rgb = slicer.util.addVolumeFromArray(np.zeros((8, 8, 8, 3), np.uint8), name="photo",
+                                         nodeClassName="vtkMRMLVectorVolumeNode")
+    assert "not a scalar" in logic.inputProblem(rgb)
+    flat = slicer.util.addVolumeFromArray(np.zeros((1, 64, 64), np.int16), name="slice")
+    assert "not a 3D volume" in logic.inputProblem(flat)
+    with pytest.raises(SegmentationError, match="not a 3D volume"):
+        logic.segment(flat)
+    mri = slicer.util.addVolumeFromArray(np.full((8, 8, 8), 300, np.int16), name="mri")
+    assert logic.inputProblem(mri) == "" and "lowest intensity is 300" in logic.intensityProblem(mri)
+
+
+def test_models_and_devices_are_listed(logic, scene):
+    models = logic.listModels()
+    assert [m["name"] for m in models] == ["fake-phantom", "nocyst"]
+    assert logic.modelHasCyst(None) and logic.modelHasCyst("fake-phantom") and not logic.modelHasCyst("nocyst")
+    devices = logic.listDevices()
+    assert devices[1] == {"kind": "cuda", "name": "Fake GPU", "memory_bytes": 8 * 1024 ** 3}
+
+
+def test_missing_library_and_interpreter_are_clear_errors(scene, tmp_path, monkeypatch, fakeLibraryRoot):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    volume = addCT()
+    with pytest.raises(SegmentationError, match="PythonSlicer"):
+        KidneyTumorSegLogic(libraryRoot=str(tmp_path)).segment(volume)
+    missing = str(tmp_path / "bin" / "PythonSlicer")
+    with pytest.raises(SegmentationError, match="could not start .*PythonSlicer"):
+        KidneyTumorSegLogic(python=missing, libraryRoot=fakeLibraryRoot).segment(volume)
+    with pytest.raises(SegmentationError, match="listing models failed"):
+        KidneyTumorSegLogic(python=missing, libraryRoot=fakeLibraryRoot).listModels()
+    import KidneyTumorSegHelpers.logic as logicModule
+    assert KidneyTumorSegLogic().libraryRoot() == str(REPO)  # source checkout: the library is one level up
+    monkeypatch.setattr(logicModule, "MODULE_DIR", str(tmp_path / "somewhere" / "KidneyTumorSeg"))
+    with pytest.raises(SegmentationError, match="KidneyTumorSegLib was not found next to the module"):
+        KidneyTumorSegLogic().libraryRoot()
+    assert os.listdir(slicer.app.temporaryPath) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Dependencies
+# --------------------------------------------------------------------------------------------
+
+def test_torch_installed_with_pip_keeping_slicers_packages(logic, scene, monkeypatch):
+    installed = {"torch": False}
+    logic.findSpec = lambda name: object() if (name == "torch" and installed["torch"]) else None
+    assert not logic.torchInstalled()
+
+    def fakePip(requirements):
+        assert requirements[:2] == ["torch>=2.1,<3", "--constraint"]
+        pins = Path(requirements[2]).read_text().split()
+        import numpy
+        assert f"numpy=={numpy.__version__}" in pins
+        assert any(p.startswith("SimpleITK==") for p in pins)
+        slicer._shim.pipInstalls.append(requirements)
+        installed["torch"] = True
+
+    monkeypatch.setattr(slicer.util, "pip_install", fakePip)
+    logic.installTorch()
+    assert len(slicer._shim.pipInstalls) == 1 and logic.torchInstalled()
+    assert not os.path.exists(slicer._shim.pipInstalls[0][2])  # constraints file removed
+
+
+def test_torch_installed_through_pytorch_utils_when_present(logic, scene, monkeypatch):
+    calls = []
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, askConfirmation=True, torchVersionRequirement=None):
+            calls.append((askConfirmation, torchVersionRequirement))
+            return object()
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    state = {"torch": False}
+    logic.findSpec = lambda name: object() if name == "PyTorchUtils" or (name == "torch" and state["torch"]) else None
+    with pytest.raises(SegmentationError, match="still not importable"):
+        logic.installTorch()
+    state["torch"] = True
+    logic.installTorch()
+    assert calls == [(False, ">=2.1,<3"), (False, ">=2.1,<3")]
+    assert slicer._shim.pipInstalls == []
+
+
+# --------------------------------------------------------------------------------------------
+# The widget
+# --------------------------------------------------------------------------------------------
+
+class FakeSegmentEditor:
+    """Records the calls of qMRMLSegmentEditorWidget the module makes."""
+
+    def __init__(self):
+        self.segmentationNode = self.sourceVolumeNode = None
+
+    def setSegmentationNode(self, node):
+        self.segmentationNode = node
+
+    def setSourceVolumeNode(self, node):
+        self.sourceVolumeNode = node
+
+
+def makeWidget(logic):
+    panel = slicer.qSlicerScriptedLoadableModuleWidget()
+    widget = KidneyTumorSeg.KidneyTumorSegWidget(panel)
+    widget.setup()
+    widget.logic = logic
+    panel.isEntered = True
+    widget.enter()
+    return widget
+
+
+def runWidget(widget, timeout=30.0):
+    widget.ui.applyButton.click()
+    waitFor(lambda: widget._run is None or widget._run.finished, timeout)
+
+
+def test_widget_segments_shows_results_and_opens_the_editor(logic, scene):
+    volume = addCT()
+    slicer.app.applicationLogic().GetSelectionNode().SetActiveVolumeID(volume.GetID())
+    widget = makeWidget(logic)
+    ui = widget.ui
+
+    # Pre-selected background volume, default model with its description, GPU found in the background.
+    assert ui.inputVolumeSelector.currentNode() is volume
+    assert ui.modelComboBox.currentText == "fake-phantom 1.0 (default)"
+    assert "phantoms only" in ui.modelDescriptionLabel.text and ui.cystCheckBox.enabled
+    waitFor(lambda: widget._deviceQuery is None)
+    assert [ui.deviceComboBox.itemData(i) for i in range(ui.deviceComboBox.count)] == ["auto", "cpu", "cuda"]
+    assert ui.deviceComboBox.itemText(2) == "GPU: Fake GPU (8.0 GB)"
+    assert "Fake GPU" in ui.deviceInfoLabel.text
+    assert ui.applyButton.enabled and ui.outputSegmentationSelector.currentNode() is None
+
+    ui.deviceComboBox.setCurrentIndex(1)
+    ui.ttaCheckBox.checked = True
+    assert widget._parameterNode.GetParameter("Device") == "cpu"
+    runWidget(widget)
+
+    argv = json.loads((scene.record / "argv.json").read_text())
+    assert argv[argv.index("--device") + 1] == "cpu" and "--tta" in argv and "fake-phantom" in argv
+    node = ui.outputSegmentationSelector.currentNode()
+    assert node is not None and segmentNames(node) == ["Kidney", "Tumor", "Cyst"]
+    assert ui.statusLabel.text.startswith("Done in") and "1 kidney, 1 tumor" in ui.statusLabel.text
+    assert ui.progressBar.value == 100 and not ui.progressBar.visible and not ui.cancelButton.enabled
+    assert ui.resultsTable.rowCount == 3 and ui.resultsTable.item(0, 0).text() == "Kidney (right)"
+    assert not ui.resultsCollapsibleButton.collapsed
+    assert ui.show3DButton.checked and node.GetDisplayNode().GetVisibility3D()
+    ui.show3DButton.click()
+    assert not node.GetDisplayNode().GetVisibility3D()
+    assert "plain log text" in ui.logTextEdit.plainText
+
+    # Edit in Segment Editor: without a main window Slicer raises; with one, the editor gets both nodes.
+    with pytest.raises(RuntimeError):
+        ui.editButton.click()
+    assert slicer._shim.dialogs[-1][0] == "error"
+    editor = FakeSegmentEditor()
+    slicer._shim.mainWindow = True
+    slicer._shim.moduleWidgets["SegmentEditor"] = SimpleNamespace(editor=editor)
+    ui.editButton.click()
+    assert slicer._shim.selectedModule == "SegmentEditor"
+    assert editor.segmentationNode is node and editor.sourceVolumeNode is volume
+
+    # State lives in the parameter node: a new panel on the same scene shows the same result.
+    widget.cleanup()
+    again = makeWidget(logic)
+    assert again.ui.inputVolumeSelector.currentNode() is volume
+    assert again.ui.outputSegmentationSelector.currentNode() is node
+    assert again.ui.ttaCheckBox.checked and again.ui.deviceComboBox.currentData == "cpu"
+    assert again.ui.resultsTable.rowCount == 3 and again.ui.editButton.enabled
+    again.cleanup()
+
+
+def test_widget_asks_before_replacing_segments(logic, scene):
+    volume = addCT()
+    widget = makeWidget(logic)
+    widget.ui.inputVolumeSelector.setCurrentNode(volume)
+    runWidget(widget)
+    first = widget.ui.outputSegmentationSelector.currentNode()
+    (scene.record / "argv.json").unlink()
+
+    slicer._shim.answers = [False]
+    widget.ui.applyButton.click()
+    assert slicer._shim.dialogs[-1][0] == "confirmOkCancel" and "Kidney, Tumor, Cyst" in slicer._shim.dialogs[-1][1]
+    assert widget._run.segmentationNode is first and not (scene.record / "argv.json").exists()
+    assert "kept" in widget.ui.statusLabel.text
+
+    slicer._shim.answers = [True]
+    runWidget(widget)
+    assert (scene.record / "argv.json").exists()
+    assert len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")) == 1
+    widget.cleanup()
+
+
+def test_widget_cancel_button(logic, scene, monkeypatch):
+    monkeypatch.setenv("FAKE_KTS_BEHAVIOUR", "hang")
+    volume = addCT()
+    widget = makeWidget(logic)
+    widget.ui.inputVolumeSelector.setCurrentNode(volume)
+    widget.ui.applyButton.click()
+    assert widget.ui.cancelButton.enabled and not widget.ui.applyButton.enabled
+    assert not widget.ui.inputVolumeSelector.enabled and widget.ui.progressBar.visible
+    waitFor(lambda: "fine stage" in widget.ui.progressBar.format)
+    assert widget.ui.progressBar.value == 20
+    widget.ui.cancelButton.click()
+    assert widget._run.state == "cancelled" and widget.ui.applyButton.enabled
+    assert widget.ui.statusLabel.text.startswith("Cancelled")
+    assert slicer.util.getNodesByClass("vtkMRMLSegmentationNode") == []
+    widget.cleanup()
+
+
+def test_widget_offers_cpu_after_gpu_out_of_memory(logic, scene, monkeypatch):
+    monkeypatch.setenv("FAKE_KTS_BEHAVIOUR", "oom")
+    volume = addCT()
+    widget = makeWidget(logic)
+    widget.ui.inputVolumeSelector.setCurrentNode(volume)
+    waitFor(lambda: widget._deviceQuery is None)
+    widget.ui.deviceComboBox.setCurrentIndex(widget.ui.deviceComboBox.findData("cuda"))
+    slicer._shim.answers = [True]
+    runWidget(widget)
+    assert slicer._shim.dialogs[-1][0] == "confirmYesNo" and "out of GPU memory" in slicer._shim.dialogs[-1][1]
+    # The retry is a second run, on the CPU; it also fails here (same fake), then no further question.
+    waitFor(lambda: widget._run.finished)
+    argv = json.loads((scene.record / "argv.json").read_text())
+    assert argv[argv.index("--device") + 1] == "cpu"
+    assert widget.ui.statusLabel.text.startswith("Segmentation failed: CUDA out of memory")
+    assert len(slicer._shim.dialogs) == 1
+    widget.cleanup()
+
+
+def test_widget_non_ct_volume_needs_confirmation_then_forces(logic, scene):
+    mri = slicer.util.addVolumeFromArray(makeCT() + 1100, ijkToRAS=obliqueIjkToRas(), name="MR")
+    widget = makeWidget(logic)
+    widget.ui.inputVolumeSelector.setCurrentNode(mri)
+    slicer._shim.answers = [False]
+    widget.ui.applyButton.click()
+    assert "does not look like a CT" in slicer._shim.dialogs[-1][1] and widget._run is None
+    slicer._shim.answers = [True]
+    runWidget(widget)
+    assert "--force" in json.loads((scene.record / "argv.json").read_text())
+    widget.cleanup()
+
+
+def test_widget_missing_torch_asks_and_installs_nothing_when_declined(logic, scene):
+    logic.findSpec = lambda name: None
+    volume = addCT()
+    widget = makeWidget(logic)
+    widget.ui.inputVolumeSelector.setCurrentNode(volume)
+    slicer._shim.answers = [False]
+    widget.ui.applyButton.click()
+    kind, text = slicer._shim.dialogs[-1]
+    assert kind == "confirmOkCancel" and "needs PyTorch" in text and "pip" in text
+    assert slicer._shim.pipInstalls == [] and widget._run is None
+    assert not (scene.record / "argv.json").exists()
+    assert "PyTorch is required" in widget.ui.statusLabel.text
+    widget.cleanup()
+
+
+def test_widget_apply_disabled_with_reason_for_bad_input(logic, scene):
+    widget = makeWidget(logic)
+    assert not widget.ui.applyButton.enabled and widget.ui.applyButton.toolTip == "Select an input CT volume."
+    labelmap = slicer.util.addVolumeFromArray(np.zeros((8, 8, 8), np.uint8), name="labels",
+                                              nodeClassName="vtkMRMLLabelMapVolumeNode")
+    widget.ui.inputVolumeSelector.setCurrentNode(labelmap)  # the selector does not list label maps
+    assert widget.ui.inputVolumeSelector.currentNode() is None
+    flat = slicer.util.addVolumeFromArray(np.zeros((1, 32, 32), np.int16), name="slice")
+    widget.ui.inputVolumeSelector.setCurrentNode(flat)
+    assert not widget.ui.applyButton.enabled and "not a 3D volume" in widget.ui.applyButton.toolTip
+    widget.ui.applyButton.click()  # disabled: nothing happens
+    assert widget._run is None
+    widget.cleanup()
+
+
+def test_widget_survives_devices_listing_failure(logic, scene, monkeypatch):
+    monkeypatch.setenv("FAKE_KTS_BEHAVIOUR", "nodevices")
+    widget = makeWidget(logic)
+    waitFor(lambda: widget._deviceQuery is None)
+    assert widget.ui.deviceComboBox.count == 2
+    assert "torch is not installed" in widget.ui.deviceInfoLabel.text
+    widget.cleanup()
+
+
+# --------------------------------------------------------------------------------------------
+# Batch mode
+# --------------------------------------------------------------------------------------------
+
+def writeNifti(path, array, ijkToRas):
+    flip = np.diag([-1.0, -1.0, 1.0])
+    spacing = np.linalg.norm(ijkToRas[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(tuple(spacing))
+    image.SetOrigin(tuple(flip @ ijkToRas[:3, 3]))
+    image.SetDirection(tuple((flip @ (ijkToRas[:3, :3] / spacing)).ravel()))
+    sitk.WriteImage(image, str(path))
+    return image
+
+
+def test_batch_mode_segments_a_folder(logic, scene, tmp_path):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    reference = writeNifti(inputs / "case_a.nii.gz", makeCT(), obliqueIjkToRas())
+    (inputs / "broken.nrrd").write_text("not an image")
+    (inputs / "notes.txt").write_text("ignored")
+    dicomFolder = inputs / "patient1" / "series1"
+    dicomFolder.mkdir(parents=True)
+    (dicomFolder / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    cases = batch.discoverCases(str(inputs))
+    assert [(c.name, c.kind) for c in cases] == [("broken", "file"), ("case_a", "file"), ("patient1_series1", "dicom")]
+
+    lines = []
+    code = batch.main(["--input", str(inputs), "--output", str(outputs), "--no-cyst-segment"], logic=logic,
+                      log=lines.append)
+    assert code == 1  # the broken file and the DICOM folder (no DICOM module outside Slicer) failed
+    rows = (outputs / "measurements.csv").read_text().splitlines()
+    assert rows[0].split(",") == list(results.CSV_COLUMNS)
+    byCase = {r.split(",")[0]: r.split(",") for r in rows[1:]}
+    assert byCase["case_a"][1] == "ok" and byCase["case_a"][-1] == "case_a.seg.nrrd"
+    assert byCase["broken"][1] == "failed" and byCase["patient1_series1"][1] == "failed"
+
+    saved = sitk.ReadImage(str(outputs / "case_a.seg.nrrd"))
+    assert saved.GetSize() == reference.GetSize()
+    assert saved.GetOrigin() == pytest.approx(reference.GetOrigin())
+    assert saved.GetDirection() == pytest.approx(reference.GetDirection())
+    assert [saved.GetMetaData(f"Segment{i}_Name") for i in range(2)] == ["Kidney", "Tumor"]
+    assert terminology.KIDNEY_SEGMENT.terminology in saved.GetMetaData("Segment0_Tags")
+    labels = sitk.GetArrayFromImage(saved)
+    np.testing.assert_array_equal(labels == 1, np.isin(makeCT(), (KIDNEY_HU, CYST_HU)))
+    # Every case's nodes were removed again.
+    assert slicer.util.getNodesByClass("vtkMRMLVolumeNode") == []
+    assert slicer.util.getNodesByClass("vtkMRMLSegmentationNode") == []
+
+
+def test_batch_mode_usage_errors(logic, scene, tmp_path):
+    assert batch.main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path)], logic=logic,
+                      log=lambda s: None) == 2
+    (tmp_path / "empty").mkdir()
+    assert batch.main(["--input", str(tmp_path / "empty"), "--output", str(tmp_path)], logic=logic,
+                      log=lambda s: None) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Static checks: .ui file, API allow-list, CMake and catalog entry, icon
+# --------------------------------------------------------------------------------------------
+
+#: Widget classes a Slicer .ui file may use: Qt's own and Slicer's (CTK, qMRMLWidgets).
+REAL_WIDGET_CLASSES = {"QWidget", "QLabel", "QPushButton", "QCheckBox", "QComboBox", "QProgressBar",
+                       "QPlainTextEdit", "QTableWidget", "QGroupBox", "QSpinBox", "QLineEdit",
+                       "ctkCollapsibleButton", "ctkPathLineEdit", "ctkSliderWidget", "qMRMLWidget",
+                       "qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget", "qMRMLSubjectHierarchyTreeView"}
+
+
+def test_ui_file_is_designer_xml_with_real_classes_and_all_used_names():
+    root = ET.parse(UI_FILE).getroot()
+    assert root.tag == "ui" and root.get("version") == "4.0" and root.findtext("class") == "KidneyTumorSeg"
+    widgets = root.iter("widget")
+    names = {}
+    for widget in widgets:
+        assert widget.get("class") in REAL_WIDGET_CLASSES, widget.get("class")
+        assert widget.get("name") not in names, f"duplicate widget name {widget.get('name')}"
+        names[widget.get("name")] = widget.get("class")
+    custom = {c.findtext("class") for c in root.iter("customwidget")}
+    assert {c for c in names.values() if not c.startswith("Q")} <= custom
+    for layout in root.iter("layout"):
+        assert layout.get("class") in {"QVBoxLayout", "QHBoxLayout", "QFormLayout", "QGridLayout"}
+    source = (MODULE_DIR / "KidneyTumorSeg.py").read_text()
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert used and used <= set(names), used - set(names)
+    # The stand-in builds the .ui and rejects properties Qt does not have.
+    widget = slicer.util.loadUI(str(UI_FILE))
+    assert set(vars(slicer.util.childWidgetVariables(widget))) >= used
+
+
+def _moduleSources():
+    files = [MODULE_DIR / "KidneyTumorSeg.py", MODULE_DIR / "Scripts" / "batch_segment.py"]
+    files += sorted(HELPERS_DIR.glob("*.py"))
+    return {f: ast.parse(f.read_text()) for f in files}
+
+
+def _attributeChain(node):
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+        return ".".join(reversed(parts))
+    return None
+
+
+#: Every slicer./qt./vtk./ctk. name the module may use, from Slicer 5.6+ sources
+#: (Base/Python/slicer/util.py, ScriptedLoadableModule.py, Libs/MRML/Core, qSlicerApplication)
+#: and ../shared/SLICER_API.md. A new name must be checked against Slicer's source first.
+ALLOWED_NAMESPACE_NAMES = {
+    "slicer.app", "slicer.app.processEvents", "slicer.app.slicerHome", "slicer.app.temporaryPath",
+    "slicer.app.applicationLogic", "slicer.app.layoutManager",
+    "slicer.mrmlScene", "slicer.mrmlScene.AddNewNodeByClass", "slicer.mrmlScene.RemoveNode",
+    "slicer.mrmlScene.GetNodeByID", "slicer.mrmlScene.GenerateUniqueName", "slicer.mrmlScene.StartCloseEvent",
+    "slicer.mrmlScene.EndCloseEvent", "slicer.mrmlScene.Clear",
+    "slicer.util.loadUI", "slicer.util.childWidgetVariables", "slicer.util.tryWithErrorDisplay",
+    "slicer.util.confirmOkCancelDisplay", "slicer.util.confirmYesNoDisplay", "slicer.util.selectModule",
+    "slicer.util.getModuleWidget", "slicer.util.getNodesByClass", "slicer.util.pip_install",
+    "slicer.util.updateSegmentBinaryLabelmapFromArray", "slicer.util.arrayFromSegmentBinaryLabelmap",
+    "slicer.util.arrayFromVolume", "slicer.util.addVolumeFromArray", "slicer.util.loadVolume",
+    "slicer.util.loadLabelVolume", "slicer.util.saveNode", "slicer.util.VTKObservationMixin",
+    "slicer.vtkMRMLVolumeArchetypeStorageNode", "slicer.vtkMRMLSubjectHierarchyNode",
+    "slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode", "slicer.ScriptedLoadableModule",
+    "qt.QTimer", "qt.QTableWidgetItem", "vtk.vtkMatrix4x4", "vtk.vtkCommand.ModifiedEvent", "vtk.reference",
+}
+
+#: CamelCase (MRML/VTK/segmentation-core) methods called on objects, each present in Slicer 5.6+
+#: (vtkMRMLNode, vtkMRMLScene, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkSegmentation,
+#: vtkSegment, vtkMRMLDisplayNode, vtkMRMLStorageNode, vtkMRMLSubjectHierarchyNode, vtkMRMLSelectionNode,
+#: vtkImageData, vtkMatrix4x4, SimpleITK.Image) or feature-tested with hasattr before use.
+ALLOWED_METHODS = {
+    "GetID", "GetName", "SetName", "IsA", "GetAttribute", "SetAttribute", "GetParameter", "SetParameter",
+    "SetNodeReferenceID", "GetNodeReference", "GetNodeReferenceID", "StartModify", "EndModify",
+    "GetImageData", "GetDimensions", "GetNumberOfScalarComponents", "GetScalarRange", "GetIJKToRASMatrix",
+    "GetTransformNodeID", "SetAndObserveTransformNodeID", "GetDisplayNode", "SetVisibility3D",
+    "GetSegmentation", "CreateDefaultDisplayNodes", "SetReferenceImageGeometryParameterFromVolumeNode",
+    "GetReferenceImageGeometryReferenceRole", "SetSourceRepresentationToBinaryLabelmap",
+    "SetMasterRepresentationToBinaryLabelmap", "CreateClosedSurfaceRepresentation",
+    "GetSegmentIdBySegmentName", "RemoveSegment", "AddEmptySegment", "GetSegment", "GetNumberOfSegments",
+    "GetNthSegment", "GetNthSegmentID", "SetColor", "GetColor", "SetTag", "GetTag", "GetTerminologyEntryTagName",
+    "SetNameAutoGenerated", "SetColorAutoGenerated", "SetFileName", "UseCompressionOff", "WriteData",
+    "GetItemByDataNode", "GetItemParent", "SetItemParent", "GetSelectionNode", "GetActiveVolumeID",
+    "GetElement", "SetSpacing", "SetOrigin", "AddObserver",
+    # SimpleITK.Image (ITK names)
+    "ReadImage", "GetArrayFromImage", "GetSize", "GetSpacing", "GetOrigin", "GetDirection",
+    # PyTorch Utils extension (PyTorchUtils.py)
+    "PyTorchUtilsLogic",
+    # DICOMLib.DICOMUtils
+    "TemporaryDICOMDatabase",
+}
+
+
+#: Roots of attribute chains that are the project's own modules or the standard library / numpy
+#: (not Slicer API, so not checked here).
+OWN_AND_STDLIB_ROOTS = {"process", "segments", "results", "terminology", "batch", "resultsHelpers",
+                        "KidneyTumorSegHelpers", "subprocess", "signal", "queue", "threading", "argparse", "csv",
+                        "os", "sys", "np", "json", "logging", "importlib", "tempfile", "shutil", "time", "metadata",
+                        "inspect", "self"}
+
+
+def test_module_uses_only_real_slicer_qt_and_vtk_names():
+    unknown = set()
+    for path, tree in _moduleSources().items():
+        inner = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "slicer":
+                for alias in node.names:
+                    name = f"{node.module}.{alias.name}"
+                    if node.module != "slicer.ScriptedLoadableModule" and name not in ALLOWED_NAMESPACE_NAMES:
+                        unknown.add(f"{path.name}: from {node.module} import {alias.name}")
+            if not isinstance(node, ast.Attribute):
+                continue
+            chain = _attributeChain(node)
+            root = chain.split(".")[0] if chain else None
+            if root in ("slicer", "qt", "vtk", "ctk"):
+                if id(node) not in inner and chain not in ALLOWED_NAMESPACE_NAMES:
+                    unknown.add(f"{path.name}: {chain}")
+            elif root not in OWN_AND_STDLIB_ROOTS and node.attr[:1].isupper() and not node.attr.isupper():
+                if node.attr not in ALLOWED_METHODS:
+                    unknown.add(f"{path.name}: .{node.attr}")
+    assert not unknown, sorted(unknown)
+
+
+def test_helpers_without_slicer_imports_stay_plain_python():
+    for name in ("process.py", "terminology.py", "results.py"):
+        tree = ast.parse((HELPERS_DIR / name).read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & {"slicer", "qt", "vtk", "ctk"}, name
+
+
+def test_cmake_lists_every_module_file_and_the_library():
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
+    for path in sorted(HELPERS_DIR.glob("*.py")) + [MODULE_DIR / "Scripts" / "batch_segment.py"]:
+        assert str(path.relative_to(MODULE_DIR)).replace(os.sep, "/") in cmake, path.name
+    for resource in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
+        assert resource in cmake
+    assert "../KidneyTumorSegLib" in cmake and "GLOB_RECURSE" in cmake
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cmake
+    top = (REPO / "CMakeLists.txt").read_text()
+    for needed in ('set(EXTENSION_CATEGORY "Segmentation")', 'set(EXTENSION_DEPENDS "PyTorch")',
+                   "find_package(Slicer REQUIRED)", "add_subdirectory(KidneyTumorSeg)",
+                   "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
+        assert needed in top
+    entry = json.loads((REPO / "KidneyTumorSeg.json").read_text())
+    assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"]
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert set(entry) <= {"$schema", "build_dependencies", "build_subdirectory", "category", "scm_revision",
+                          "scm_type", "scm_url", "tier"}
+
+
+def test_icon_is_a_128_pixel_png():
+    data = (MODULE_DIR / "Resources" / "Icons" / "KidneyTumorSeg.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (128, 128)
+
+
+def test_module_metadata(scene):
+    parent = slicer.qSlicerScriptedLoadableModule(str(MODULE_DIR / "KidneyTumorSeg.py"))
+    KidneyTumorSeg.KidneyTumorSeg(parent)
+    assert parent.categories == ["Segmentation"] and "Segment kidney" in parent.helpText
+    assert parent.icon is not None and parent.icon.path.endswith("KidneyTumorSeg.png")
+
+
+def test_self_test_phantom_has_kidneys_and_a_tumor():
+    ct, truth = KidneyTumorSeg.makePhantomCT()
+    assert ct.dtype == np.int16 and ct.shape == truth.shape
+    assert ct.min() < -900 and ct.max() > 300
+    assert (truth == 1).sum() > 5000 and (truth == 2).sum() > 1000
+    assert 150 < ct[truth == 1].mean() < 200 and 70 < ct[truth == 2].mean() < 110
+
+
+def test_the_stand_in_rejects_names_slicer_does_not_have(scene):
+    """The shim is only useful if invented API fails in it as it would in Slicer."""
+    button = qt.QPushButton()
+    with pytest.raises(AttributeError):
+        button.enabledd = False              # not a Qt property
+    with pytest.raises(AttributeError):
+        button.connect("clicked(int)", lambda: None)   # no such signal
+    with pytest.raises(AttributeError):
+        slicer.util.setSegmentColor          # not in slicer.util
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    with pytest.raises(AttributeError):
+        segmentation.GetSegmentation().SetSegmentColor  # segments have SetColor, the segmentation nothing like it
+    with pytest.raises(AttributeError):
+        slicer.mrmlScene.AddNewNodeByClass("vtkMRMLKidneyNode")
+    combo = slicer.qMRMLNodeComboBox()
+    combo.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+    combo.showChildNodeTypes = False
+    combo.noneEnabled = True
+    combo.setMRMLScene(slicer.mrmlScene)
+    labelmap = slicer.util.addVolumeFromArray(np.zeros((4, 4, 4), np.uint8), nodeClassName="vtkMRMLLabelMapVolumeNode")
+    combo.setCurrentNode(labelmap)
+    assert combo.currentNode() is None
+
+
+def test_closing_the_scene_during_a_run_cancels_it(logic, scene, monkeypatch):
+    monkeypatch.setenv("FAKE_KTS_BEHAVIOUR", "hang")
+    widget = makeWidget(logic)
+    widget.ui.inputVolumeSelector.setCurrentNode(addCT())
+    widget.ui.applyButton.click()
+    pidsFile = scene.record / "pids.json"
+    waitFor(lambda: pidsFile.exists())
+    pids = json.loads(pidsFile.read_text())
+    run = widget._run
+    slicer.mrmlScene.Clear()
+    assert run.state == "cancelled"
+    waitFor(lambda: not any(pidAlive(pid) for pid in pids), timeout=5.0)
+    assert slicer.util.getNodesByClass("vtkMRMLSegmentationNode") == []
+    assert widget._parameterNode is not None and widget.ui.inputVolumeSelector.currentNode() is None
+    assert not widget.ui.applyButton.enabled
+    widget.cleanup()
