@@ -1,0 +1,179 @@
+"""Batch mode: segment every CT in a folder with the module's logic (run inside Slicer).
+
+``Scripts/batch_segment.py`` calls :func:`main` under
+``Slicer --no-splash --no-main-window --python-script``. Each NIfTI/NRRD/MetaImage file in the
+input folder is one case, and so is each sub-folder holding a DICOM series. Every case gets
+``<case>.seg.nrrd`` in the output folder, and ``measurements.csv`` gets one row per case
+(``status`` ok/failed with the reason). The exit code is 1 if any case failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import slicer
+
+from . import process, results
+from .logic import KidneyTumorSegLogic, SegmentationError
+
+logger = logging.getLogger(__name__)
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input: ``kind`` is ``file`` (a volume file) or ``dicom`` (a folder with a DICOM series)."""
+    name: str
+    kind: str
+    path: str
+
+
+def _isDicomFile(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _caseName(fileName: str) -> str:
+    lowered = fileName.lower()
+    for suffix in VOLUME_SUFFIXES:
+        if lowered.endswith(suffix):
+            return fileName[:-len(suffix)]
+    return fileName
+
+
+def discoverCases(inputDir: str) -> List[Case]:
+    """Volume files directly in ``inputDir`` and folders (at any depth) holding DICOM files, sorted by name."""
+    if not os.path.isdir(inputDir):
+        raise FileNotFoundError(f"input folder {inputDir} does not exist")
+    cases = []
+    for entry in sorted(os.listdir(inputDir)):
+        path = os.path.join(inputDir, entry)
+        if os.path.isfile(path) and entry.lower().endswith(VOLUME_SUFFIXES):
+            cases.append(Case(_caseName(entry), "file", path))
+    for folder, _, files in sorted(os.walk(inputDir)):
+        if folder == inputDir:
+            continue
+        if any(name.lower().endswith(".dcm") or _isDicomFile(os.path.join(folder, name)) for name in sorted(files)):
+            relative = os.path.relpath(folder, inputDir).replace(os.sep, "_")
+            cases.append(Case(relative, "dicom", folder))
+    return cases
+
+
+def loadCase(case: Case) -> list:
+    """Scalar volume nodes of a case (a DICOM folder may hold several series)."""
+    if case.kind == "file":
+        return [slicer.util.loadVolume(case.path)]
+    from DICOMLib import DICOMUtils
+
+    nodeIds = []
+    with DICOMUtils.TemporaryDICOMDatabase() as database:
+        DICOMUtils.importDicom(case.path, database)
+        for patientUID in database.patients():
+            nodeIds.extend(DICOMUtils.loadPatientByUID(patientUID))
+    nodes = [slicer.mrmlScene.GetNodeByID(nodeId) for nodeId in nodeIds]
+    volumes = [n for n in nodes if n is not None and n.IsA("vtkMRMLScalarVolumeNode")
+               and not n.IsA("vtkMRMLLabelMapVolumeNode")]
+    for node in nodes:
+        if node is not None and node not in volumes:
+            slicer.mrmlScene.RemoveNode(node)
+    return volumes
+
+
+def writeCsv(path: str, rows: Sequence[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(results.CSV_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def runBatch(logic: KidneyTumorSegLogic, cases: Sequence[Case], outputDir: str, options: dict,
+             load: Callable[[Case], list] = loadCase, log: Callable[[str], None] = logger.info) -> List[dict]:
+    """Segment every case; returns the CSV rows (one per volume, or one per case that failed to load)."""
+    os.makedirs(outputDir, exist_ok=True)
+    rows = []
+    for index, case in enumerate(cases, start=1):
+        log(f"[{index}/{len(cases)}] {case.name}")
+        try:
+            volumes = load(case)
+            if not volumes:
+                raise SegmentationError("no CT volume could be loaded")
+        except Exception as exc:
+            rows.append(results.csvRow(case.name, "failed", f"loading failed: {exc}"))
+            log(f"  failed: loading: {exc}")
+            continue
+        for volumeIndex, volume in enumerate(volumes):
+            name = case.name if len(volumes) == 1 else f"{case.name}_{volumeIndex + 1}"
+            start = time.monotonic()
+            segmentation = None
+            try:
+                segmentation = logic.segment(volume, createSurfaces=False, **options)
+                outputPath = os.path.join(outputDir, f"{name}.seg.nrrd")
+                if not slicer.util.saveNode(segmentation, outputPath):
+                    raise SegmentationError(f"could not write {outputPath}")
+                stats = logic.lastRun.stats if logic.lastRun is not None else {}
+                rows.append(results.csvRow(name, "ok", stats=stats, seconds=time.monotonic() - start,
+                                           segmentationFile=os.path.basename(outputPath)))
+                log(f"  ok: {results.summaryText(stats)}")
+            except Exception as exc:
+                rows.append(results.csvRow(name, "failed", str(exc), seconds=time.monotonic() - start))
+                log(f"  failed: {exc}")
+            finally:
+                if segmentation is not None:
+                    if segmentation.GetDisplayNode() is not None:
+                        slicer.mrmlScene.RemoveNode(segmentation.GetDisplayNode())
+                    slicer.mrmlScene.RemoveNode(segmentation)
+                slicer.mrmlScene.RemoveNode(volume)
+    return rows
+
+
+def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="batch_segment.py",
+        description="Segment kidneys, tumors and cysts in every CT of a folder (NIfTI/NRRD files or DICOM "
+                    "series) with 3D Slicer's KidneyTumorSeg module. Run with: Slicer --no-splash "
+                    "--no-main-window --python-script batch_segment.py --input IN --output OUT")
+    parser.add_argument("--input", required=True, help="folder of CT files and/or DICOM series folders")
+    parser.add_argument("--output", required=True, help="folder for <case>.seg.nrrd and measurements.csv")
+    parser.add_argument("--model", default=None, help="model name or package folder (default: the bundled default)")
+    parser.add_argument("--device", default="auto", choices=process.DEVICE_CHOICES)
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation (slower)")
+    parser.add_argument("--no-cyst-segment", action="store_true", help="keep cysts inside the Kidney segment")
+    parser.add_argument("--force", action="store_true", help="segment volumes that do not look like CT in HU")
+    return parser.parse_args(list(argv))
+
+
+def main(argv: Sequence[str], logic: Optional[KidneyTumorSegLogic] = None,
+         log: Callable[[str], None] = print) -> int:
+    """Batch entry point; returns the process exit code (0 all ok, 1 any case failed, 2 bad usage)."""
+    try:
+        args = parseArguments(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0) and 2
+    try:
+        cases = discoverCases(args.input)
+    except FileNotFoundError as exc:
+        log(f"error: {exc}")
+        return 2
+    if not cases:
+        log(f"error: no CT files or DICOM folders in {args.input}")
+        return 2
+    logic = logic or KidneyTumorSegLogic()
+    options = dict(model=args.model, device=args.device, tta=args.tta,
+                   cystSegment=not args.no_cyst_segment, force=args.force)
+    rows = runBatch(logic, cases, args.output, options, log=log)
+    csvPath = os.path.join(args.output, "measurements.csv")
+    writeCsv(csvPath, rows)
+    failed = sum(row["status"] != "ok" for row in rows)
+    log(f"{len(rows) - failed} segmented, {failed} failed; measurements in {csvPath}")
+    return 1 if failed else 0

@@ -1,0 +1,26 @@
+"""Segment kidneys, tumors and cysts in every CT of a folder, with 3D Slicer's KidneyTumorSeg module.
+
+Usage (Linux/macOS; on Windows use Slicer.exe):
+
+    Slicer --no-splash --no-main-window --python-script /path/to/KidneyTumorSeg/Scripts/batch_segment.py \
+        --input /data/cts --output /data/results [--model NAME_OR_FOLDER] [--device auto|cpu|cuda|mps] \
+        [--tta] [--no-cyst-segment] [--force]
+
+Inputs: NIfTI / NRRD / MetaImage files in --input, and sub-folders holding a DICOM series.
+Outputs: <case>.seg.nrrd per case (Kidney / Tumor / Cyst segments on the CT's grid, with
+terminology) and measurements.csv (volumes, tumor count and largest diameter, run time,
+status). Exit code: 0 when every case succeeded, 1 when any failed, 2 for bad arguments.
+"""
+
+import os
+import sys
+
+# The module folder (parent of Scripts/) holds KidneyTumorSegHelpers; Slicer has it on
+# sys.path only when the module is loaded, which --no-main-window does not guarantee.
+_moduleDir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _moduleDir not in sys.path:
+    sys.path.insert(0, _moduleDir)
+
+from KidneyTumorSegHelpers import batch  # noqa: E402
+
+sys.exit(batch.main(sys.argv[1:]))
