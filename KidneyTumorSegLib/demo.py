@@ -36,7 +36,7 @@ def kits_dice(prediction: np.ndarray, truth: np.ndarray) -> dict:
 
 def run_demo(output: Path, device: str = "auto", overwrite: bool = False) -> int:
     """Segment the bundled sample; returns the exit code."""
-    from .cli import _ProgressPrinter, _summarize, _write_json_atomic
+    from .cli import _ProgressPrinter, _check_output_free, _summarize, _write_json_atomic
     from .errors import InputError
     from .imageio import read_image, write_image_atomic
     from .models import load_package
@@ -47,6 +47,8 @@ def run_demo(output: Path, device: str = "auto", overwrite: bool = False) -> int
         raise InputError(f"the bundled sample CT is missing: {SAMPLE_CT} (reinstall kidney-tumor-seg)")
     output = Path(output)
     seg_path, stats_path, png_path = output / "sample_seg.nii.gz", output / "sample_stats.json", output / "sample_overview.png"
+    for path in (seg_path, stats_path, png_path):
+        _check_output_free(path, overwrite)
     ct = read_image(SAMPLE_CT)
     truth = read_image(SAMPLE_TRUTH)
     package = load_package(None)
