@@ -63,12 +63,15 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
 def count_flops(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
     """Floating point operations of one forward pass on a zero tensor of ``input_shape``
     (``[B, C, *spatial]``), counted with ``torch.utils.flop_counter`` (a multiply-add = 2 FLOPs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        # The counter has no formula for the CPU flash-attention kernel (it would count 0):
+        # force the plain-math attention, whose matmuls it counts.
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model(torch.zeros(input_shape))
     finally:
         model.train(was_training)

@@ -1,0 +1,174 @@
+"""End to end on phantoms built from two real KiTS19 label maps: phantoms -> preprocess -> train (exact
+interrupt/resume) -> export -> the library segments -> evaluate; plus the command line and DDP under torchrun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from Training.cli import main
+from Training.runs import train_run
+from Training.trainer import CHECKPOINT, METRICS, Hook
+
+torch.set_num_threads(1)
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+LABELS = SHARED / "data" / "kits19_labels"
+CASES = "38,61"  # the two KiTS19 cases with the fewest voxels (32 and 29 slices of 5 mm)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    if not LABELS.is_dir():
+        pytest.skip(f"the shared KiTS19 label maps are not at {LABELS} (only present in the project's CI and dev checkouts)")
+    root = tmp_path_factory.mktemp("e2e")
+    assert main(["--quiet", "phantoms", "--labels", str(LABELS), "--out", str(root / "data"), "--cases", CASES,
+                 "--downsample-inplane", "8", "--max-slices", "24", "--cysts"]) == 0
+    assert main(["--quiet", "preprocess", "--data", str(root / "data"), "--recipe", "phantom_fast", "--smoke",
+                 "--out", str(root / "cache")]) == 0
+    return root
+
+
+def test_phantoms_keep_the_real_label_geometry(prepared):
+    record = json.loads((prepared / "data" / "phantoms.json").read_text())
+    assert record["cases"] == [38, 61] and "CC BY-NC-SA" in record["licence"]
+    for n in (38, 61):
+        src = sitk.ReadImage(str(LABELS / f"case_{n:05d}" / "segmentation.nii.gz"))
+        ct = sitk.ReadImage(str(prepared / "data" / f"case_{n:05d}" / "imaging.nii.gz"))
+        lab = sitk.ReadImage(str(prepared / "data" / f"case_{n:05d}" / "segmentation.nii.gz"))
+        assert ct.GetDirection() == src.GetDirection() and lab.GetSize() == ct.GetSize() == (24, 64, 64)
+        assert ct.GetPixelID() == sitk.sitkInt16
+        # in-plane extent of the real grid kept exactly (512 x spacing = 64 x 8 spacing)
+        assert ct.GetSpacing()[1] == pytest.approx(8 * src.GetSpacing()[1])
+        for corner_ct, corner_src in (((0, -0.5, -0.5), (0, -0.5, -0.5)), ((0, 63.5, 63.5), (0, 511.5, 511.5))):
+            # sitk axes 1 and 2 are in-plane (LPS y and x); axis 0, the slices, may be cropped or thickened
+            assert np.allclose(ct.TransformContinuousIndexToPhysicalPoint(corner_ct)[:2],
+                               src.TransformContinuousIndexToPhysicalPoint(corner_src)[:2], atol=1e-3)
+        z = lambda img, i: img.TransformContinuousIndexToPhysicalPoint((i, 0, 0))[2]  # noqa: E731
+        lo, hi = sorted((z(src, -0.5), z(src, src.GetSize()[0] - 0.5)))
+        assert lo - 1e-3 <= min(z(ct, -0.5), z(ct, 23.5)) and max(z(ct, -0.5), z(ct, 23.5)) <= hi + 1e-3
+        hu, arr = sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(lab)
+        assert (arr == 1).any() and (arr == 2).any()
+        assert hu[arr == 1].mean() > hu[arr == 0].mean() + 50  # enhancing kidney against the body and air
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopOnce(Hook):
+    """Simulates a crash in the middle of the fine stage's second epoch."""
+
+    def on_iteration_end(self, trainer, epoch, iteration, loss):
+        if trainer.name == "fine" and epoch == 1 and iteration == 1:
+            raise _Interrupt()
+
+
+def _checkpoint(run: Path, stage: str) -> dict:
+    return torch.load(run / stage / CHECKPOINT, map_location="cpu", weights_only=True)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def trained(prepared):
+    run_a, run_b = prepared / "run_a", prepared / "run_b"
+    train_run("phantom_fast", prepared / "cache", run_a, smoke=True)
+    with pytest.raises(_Interrupt):
+        train_run("phantom_fast", prepared / "cache", run_b, smoke=True, hooks=[_StopOnce()])
+    assert _checkpoint(run_b, "fine")["epoch"] == 1  # the crash left the first epoch's checkpoint
+    train_run(None, None, run_b, resume=True)
+    return run_a, run_b
+
+
+def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(trained):
+    run_a, run_b = trained
+    for stage in ("coarse", "fine"):
+        a, b = _checkpoint(run_a, stage), _checkpoint(run_b, stage)
+        assert a["epoch"] == b["epoch"] == 2
+        assert _same(a["model"], b["model"]) and _same(a["optimizer"], b["optimizer"]) and _same(a["rng"], b["rng"])
+        strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+        assert strip(a["history"]) == strip(b["history"]) and a["top"] == b["top"]
+        lines = [json.loads(x) for x in (run_b / stage / METRICS).read_text().splitlines()]
+        assert [r["epoch"] for r in lines] == [1, 2] and all(r["val"] is not None for r in lines)
+        assert set(lines[0]["val"]) == ({"kidney"} if stage == "coarse" else {"kidney", "tumor"})
+    run = json.loads((run_a / "run.json").read_text())
+    assert run["train_cases"] and run["val_cases"] and run["phantoms"] is True
+
+
+def test_export_segment_and_evaluate(trained, prepared, capsys):
+    from KidneyTumorSegLib.models import load_package
+    from KidneyTumorSegLib.pipeline import Segmenter
+
+    run_a, _ = trained
+    pkg = prepared / "package"
+    assert main(["--quiet", "export", "--run", str(run_a), "--out", str(pkg)]) == 0
+    package = load_package(str(pkg))
+    m = package.manifest
+    assert [s.name for s in m.stages] == ["coarse", "fine"] and m.has_cyst  # the phantoms carry cysts
+    assert m.provenance["recipe"] == "phantom_fast" and m.provenance["smoke"] is True
+    assert m.provenance["data"]["phantoms"] is True and "NOT" in m.intended_use
+    assert m.provenance["metrics"]["fine"][0]["epochs_done"] == 2 and m.provenance["commit"]
+    ct = sitk.ReadImage(str(prepared / "data" / "case_00061" / "imaging.nii.gz"))
+    result = Segmenter(package, device="cpu").segment(ct)
+    assert result.labels.GetSize() == ct.GetSize() and result.labels.GetDirection() == ct.GetDirection()
+    assert set(np.unique(sitk.GetArrayViewFromImage(result.labels))) <= {0, 1, 2, 3}
+    out = prepared / "eval" / "metrics.csv"
+    assert main(["--quiet", "evaluate", "--model", str(pkg), "--data", str(prepared / "data"), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["case"] for r in rows] == ["case_00038", "case_00061", "mean"]
+    for r in rows[:2]:
+        assert 0.0 <= float(r["kidney_dice"]) <= 1.0 and 0.0 <= float(r["kidney_surface_dice"]) <= 1.0
+        assert float(r["mean_dice"]) == pytest.approx((float(r["kidney_dice"]) + float(r["tumor_dice"])) / 2, abs=1e-5)
+    assert float(rows[2]["kidney_dice"]) == pytest.approx((float(rows[0]["kidney_dice"]) + float(rows[1]["kidney_dice"])) / 2,
+                                                          abs=1e-5)
+    pngs = sorted((prepared / "eval" / "metrics_png").glob("*.png"))
+    assert [p.name for p in pngs] == ["case_00038.png", "case_00061.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["cases"] == 2
+
+
+def test_command_line_errors_are_one_line(prepared, capsys):
+    assert main(["train", "--recipe", "no_such", "--data", str(prepared / "data"), "--out", str(prepared / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unknown recipe 'no_such'")
+    assert main(["train", "--recipe", "phantom_fast", "--smoke", "--data", str(prepared / "cache"),
+                 "--out", str(prepared / "run_a")]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(prepared / "nothing"), "--data", str(prepared / "data"),
+                 "--out", str(prepared / "m.csv")]) == 2
+    for command in ("phantoms", "fingerprint", "preprocess", "train", "evaluate", "export", "recipes"):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+
+
+def test_ddp_smoke_step_with_two_cpu_processes_under_torchrun(prepared):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    out = prepared / "run_ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "Training", "--quiet",
+           "train", "--recipe", "phantom_fast", "--smoke", "--data", str(prepared / "cache"), "--out", str(out),
+           "--stage", "coarse", "--max-epochs", "1", "--device", "cpu", "--set", "coarse.training.iterations_per_epoch=1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = torch.load(out / "coarse" / CHECKPOINT, map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1 and np.isfinite(ckpt["history"][0]["train_loss"])

@@ -1,0 +1,185 @@
+"""Data augmentation as batched torch operations (they run on the training device, GPU included).
+
+Takes ``x [B, C, *S]`` (normalised image channels first, then any other channels) and
+``y [B, *S]`` (class indices), ``S`` = (z, y, x) for 3D or (y, x) for a 2.5D stage. Every random
+number comes from the ``torch.Generator`` passed in (per-sample parameters are drawn on the CPU
+in a fixed order; noise fields use a device generator seeded from it), so a batch's augmentation
+is reproducible from its seed.
+
+Recipe keys (all optional; probabilities per sample):
+
+* spatial, in millimetres so anisotropic voxels rotate correctly: ``rotation_deg`` [about x, y, z]
+  (uniform +-), ``rotation_probability``; ``scale`` [low, high] (isotropic zoom),
+  ``scale_probability``; ``elastic`` {probability, magnitude_mm, sigma_mm} (a smooth random
+  displacement: normal noise on control points every sigma_mm, interpolated, times magnitude_mm).
+  One sampling grid per sample; the image is interpolated linearly (its padding value kept
+  outside), the labels with nearest neighbour (background outside), so they stay aligned.
+  A 2.5D stage rotates about z only.
+* ``mirror_axes`` (0 = x / left-right, 1 = y, 2 = z; z not for 2.5D), ``mirror_probability``.
+* intensity, on the image channels only, in HU where it says so (divided by the normalisation
+  scale): ``intensity_gain`` [low, high], ``intensity_shift_hu`` (normal sd), ``noise_hu``
+  [low, high] (sd of Gaussian noise), ``blur_sigma_voxels`` [low, high] with ``blur_probability``,
+  ``gamma`` [low, high] with ``gamma_probability`` (on the sample's min-max range, nnU-Net style).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+_KEYS = {"rotation_deg", "rotation_probability", "scale", "scale_probability", "elastic", "mirror_axes",
+         "mirror_probability", "intensity_gain", "intensity_shift_hu", "noise_hu", "blur_sigma_voxels",
+         "blur_probability", "gamma", "gamma_probability"}
+
+
+def _rotation(angles, dims: int) -> torch.Tensor:
+    """Rotation matrix in (x, y[, z]) order from angles (radians) about x, y, z; 2D uses the z angle."""
+    ax, ay, az = (float(a) for a in angles)
+    if dims == 2:
+        c, s = math.cos(az), math.sin(az)
+        return torch.tensor([[c, -s], [s, c]])
+    rx = torch.tensor([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
+    ry = torch.tensor([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
+    rz = torch.tensor([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
+    return (rz @ ry @ rx).float()
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``x [C, *S]`` along every spatial axis (sigma in voxels)."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    dims = x.dim() - 1
+    out = x.unsqueeze(1)  # [C, 1, *S]
+    conv = F.conv3d if dims == 3 else F.conv2d
+    for axis in range(dims):
+        shape = [1, 1] + [1] * dims
+        shape[2 + axis] = kernel.numel()
+        pad = [0, 0] * dims
+        pad[2 * (dims - 1 - axis)] = radius
+        pad[2 * (dims - 1 - axis) + 1] = radius
+        out = conv(F.pad(out, pad, mode="replicate"), kernel.view(shape))
+    return out.squeeze(1)
+
+
+class Augmenter:
+    """Applies a recipe's augmentation to batches (see the module text).
+
+    ``spacing_xyz``: the stage's working spacing (mm, (x, y, z)); ``spatial_dims``: 3, or 2 for a
+    2.5D stage; ``pad_value``: normalised air; ``image_channels``: how many leading channels are
+    image (k for 2.5D); ``norm_scale``: the normalisation's scale (HU per unit).
+    """
+
+    def __init__(self, spec: dict, spacing_xyz: Sequence[float], spatial_dims: int, pad_value: float,
+                 image_channels: int = 1, norm_scale: float = 1.0):
+        unknown = set(spec or {}) - _KEYS
+        if unknown:
+            raise ValueError(f"unknown augmentation key(s) {sorted(unknown)}; valid: {sorted(_KEYS)}")
+        self.spec = dict(spec or {})
+        self.dims = int(spatial_dims)
+        # tensor order spacing: (z, y, x) or (y, x)
+        self.spacing = [float(s) for s in reversed(list(spacing_xyz))][-self.dims:]
+        self.pad_value = float(pad_value)
+        self.k = int(image_channels)
+        self.norm_scale = float(norm_scale)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.spec)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
+        """Augmented ``(x, y)`` (new tensors; inputs untouched)."""
+        if not self.spec:
+            return x, y
+        b = x.shape[0]
+        s = self.spec
+        u = lambda: torch.rand(b, generator=generator)  # noqa: E731 - one uniform per sample, in a fixed order
+        p_rot, p_scale, p_el, p_blur, p_gamma = u(), u(), u(), u(), u()
+        angles = (torch.rand(b, 3, generator=generator) * 2 - 1) * torch.tensor(
+            [math.radians(float(a)) for a in s.get("rotation_deg", [0, 0, 0])])
+        lo, hi = s.get("scale", [1.0, 1.0])
+        zoom = lo + (hi - lo) * u()
+        mirror = torch.rand(b, 3, generator=generator) < float(s.get("mirror_probability", 0.5))
+        glo, ghi = s.get("intensity_gain", [1.0, 1.0])
+        gain = glo + (ghi - glo) * u()
+        shift = torch.randn(b, generator=generator) * float(s.get("intensity_shift_hu", 0.0)) / self.norm_scale
+        nlo, nhi = s.get("noise_hu", [0.0, 0.0])
+        noise_sd = (nlo + (nhi - nlo) * u()) / self.norm_scale
+        blo, bhi = s.get("blur_sigma_voxels", [0.0, 0.0])
+        blur = blo + (bhi - blo) * u()
+        gmin, gmax = s.get("gamma", [1.0, 1.0])
+        gamma = gmin + (gmax - gmin) * u()
+        field_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+
+        rot_on = (p_rot < float(s.get("rotation_probability", 0.0))) & bool(s.get("rotation_deg"))
+        scale_on = (p_scale < float(s.get("scale_probability", 0.0))) & bool(s.get("scale"))
+        el = s.get("elastic") or {}
+        el_on = p_el < float(el.get("probability", 0.0))
+        spatial = rot_on | scale_on | el_on
+        x, y = x.clone(), y.clone()
+        if bool(spatial.any()):
+            idx = torch.nonzero(spatial).flatten()
+            cpu_gen = torch.Generator().manual_seed(field_seed)
+            grids = []
+            for i in idx.tolist():
+                r = _rotation(angles[i] if rot_on[i] else (0, 0, 0), self.dims)
+                z = float(zoom[i]) if scale_on[i] else 1.0
+                grids.append(self._grid(r, z, el if el_on[i] else None, cpu_gen, tuple(x.shape[2:])))
+            grid = torch.stack(grids).to(x.device, x.dtype)
+            pad = torch.zeros(x.shape[1], device=x.device, dtype=x.dtype)
+            pad[: self.k] = self.pad_value
+            pad = pad.view((1, -1) + (1,) * self.dims)
+            xi = F.grid_sample(x[idx] - pad, grid, mode="bilinear", padding_mode="zeros", align_corners=True) + pad
+            yi = F.grid_sample(y[idx].unsqueeze(1).to(x.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=True)
+            x[idx] = xi
+            y[idx] = yi.squeeze(1).round().to(y.dtype)
+        for axis in s.get("mirror_axes", []):
+            if self.dims == 2 and axis == 2:
+                continue
+            dim = -1 - int(axis)
+            for i in torch.nonzero(mirror[:, int(axis)]).flatten().tolist():
+                x[i] = x[i].flip(dim)
+                y[i] = y[i].flip(dim)
+        img = x[:, : self.k]
+        if "intensity_gain" in s or "intensity_shift_hu" in s:
+            view = (-1,) + (1,) * (img.dim() - 1)
+            img = img * gain.to(img).view(view) + shift.to(img).view(view)
+        if "noise_hu" in s:
+            dev_gen = torch.Generator(device=x.device).manual_seed(field_seed + 1)
+            noise = torch.randn(img.shape, generator=dev_gen, device=x.device, dtype=img.dtype)
+            img = img + noise * noise_sd.to(img).view((-1,) + (1,) * (img.dim() - 1))
+        if "blur_sigma_voxels" in s:
+            p = float(s.get("blur_probability", 0.0))
+            for i in range(b):
+                if float(p_blur[i]) < p and float(blur[i]) > 0:
+                    img[i] = _gaussian_blur(img[i], float(blur[i]))
+        if "gamma" in s:
+            p = float(s.get("gamma_probability", 0.0))
+            for i in range(b):
+                if float(p_gamma[i]) < p:
+                    lo_v, hi_v = img[i].min(), img[i].max()
+                    rng = (hi_v - lo_v).clamp_min(1e-6)
+                    img[i] = ((img[i] - lo_v) / rng).clamp(0, 1) ** float(gamma[i]) * rng + lo_v
+        x[:, : self.k] = img
+        return x, y
+
+    def _grid(self, rotation: torch.Tensor, zoom: float, elastic, generator: torch.Generator, shape) -> torch.Tensor:
+        """Sampling grid ``[*S, dims]`` (normalised coordinates in (x, y[, z]) order) for one sample of spatial ``shape``."""
+        half = [(n - 1) / 2.0 * sp for n, sp in zip(shape, self.spacing)]  # tensor order, mm
+        axes = [torch.linspace(-h, h, n) if n > 1 else torch.zeros(1) for h, n in zip(half, shape)]
+        mesh = torch.meshgrid(*axes, indexing="ij")
+        points = torch.stack(list(reversed(mesh)), dim=-1)  # [*S, dims] in (x, y, z) order, mm
+        source = points @ rotation / zoom  # inverse of "rotate by R, zoom by s"
+        if elastic:
+            sigma = float(elastic.get("sigma_mm", 24.0))
+            ctrl = [max(2, int(math.ceil(2 * h / sigma)) + 1) for h in half]
+            coarse = torch.randn((1, self.dims, *ctrl), generator=generator)
+            mode = "trilinear" if self.dims == 3 else "bilinear"
+            field = F.interpolate(coarse, size=tuple(shape), mode=mode, align_corners=True)[0]
+            source = source + field.movedim(0, -1) * float(elastic.get("magnitude_mm", 5.0))
+        norm = torch.tensor([h if h > 0 else 1.0 for h in reversed(half)])
+        return source / norm

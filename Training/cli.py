@@ -1,0 +1,255 @@
+"""Command line of the training package: ``python -m Training <command>`` or ``kidney-tumor-seg-train <command>``.
+
+Commands: phantoms, fingerprint, preprocess, train, evaluate, export, recipes. Each has --help.
+Errors a user can cause print one line (``error: ...``) and exit with status 2; --debug shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from KidneyTumorSegLib.errors import KidneyTumorSegError
+
+from .progress import ProgressBar
+
+logger = logging.getLogger(__name__)
+
+
+class _Progress:
+    """A progress callback ``(done, total, note)`` drawing one bar per run of ``done`` from 1 to ``total``."""
+
+    def __init__(self, label: str, enabled: bool = True):
+        self.label, self.enabled, self.bar = label, enabled, None
+
+    def __call__(self, done: int, total: int, note: str = "") -> None:
+        if self.bar is None or done <= 1 or self.bar.total != total:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = ProgressBar(total, self.label, enabled=self.enabled)
+            self.bar.done = done - 1
+        self.bar.update(1, note)
+        if done >= total:
+            self.bar.close()
+            self.bar = None
+
+
+def _cases(text):
+    from .dataset import parse_case_selection
+
+    return parse_case_selection(text)
+
+
+def _fold(text: str) -> Optional[int]:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"fold must be an integer or 'all', got {text!r}") from None
+
+
+def cmd_phantoms(args) -> int:
+    from .phantom_dataset import make_phantom_dataset
+
+    record = make_phantom_dataset(Path(args.labels), Path(args.out), _cases(args.cases), seed=args.seed,
+                                  downsample_inplane=args.downsample_inplane, max_slices=args.max_slices, cysts=args.cysts,
+                                  intensity_shift_hu=args.intensity_shift, overwrite=args.overwrite,
+                                  progress=_Progress("phantoms", not args.quiet))
+    print(json.dumps({"out": str(args.out), "cases": len(record["cases"]), "seconds": record["seconds"]}))
+    return 0
+
+
+def cmd_fingerprint(args) -> int:
+    from .dataset import list_cases
+    from .fingerprint import compute_fingerprint, write_fingerprint
+
+    fp = compute_fingerprint(list_cases(Path(args.data), _cases(args.cases)), samples_per_case=args.samples_per_case,
+                             progress=_Progress("fingerprint", not args.quiet))
+    if args.out:
+        write_fingerprint(fp, Path(args.out))
+    summary = {k: fp[k] for k in ("num_cases", "median_spacing", "has_cyst", "foreground_intensity")}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from .dataset import fold_split
+    from .preprocess import Cache, add_registration_augmentation, init_cache, preprocess, worst_cases_from_csv
+    from .recipes import apply_overrides, get_recipe, resolve
+    from .runs import stage_manifests
+
+    cache = Cache(Path(args.out))
+    progress = _Progress("preprocess", not args.quiet)
+    meta = init_cache(cache, Path(args.data), _cases(args.cases), progress=_Progress("fingerprint", not args.quiet))
+    recipe = apply_overrides(get_recipe(args.recipe, smoke=args.smoke), args.set)
+    resolved = resolve(recipe, meta["fingerprint"])
+    counts = preprocess(cache, stage_manifests(resolved), progress=progress, seed=args.seed)
+    made = 0
+    if args.register_worst:
+        spec = resolved.get("registration_augmentation") or {"worst_cases": 20, "partners": 10}
+        worst = worst_cases_from_csv(Path(args.register_worst), args.worst or spec["worst_cases"])
+        train, _ = fold_split(meta["cases"], args.fold, args.folds)
+        worst = [n for n in worst if n in set(train)]
+        made = add_registration_augmentation(cache, stage_manifests(resolved), worst, args.partners or spec["partners"], train,
+                                             seed=args.seed, progress=_Progress("register", not args.quiet))
+    print(json.dumps({"cache": str(cache.root), "volumes": counts, "registration_augmented": made}))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .runs import train_run
+
+    summaries = train_run(args.recipe, Path(args.data) if args.data else None, Path(args.out), fold=args.fold, folds=args.folds,
+                          resume=args.resume, max_epochs=args.max_epochs, device=args.device, smoke=args.smoke,
+                          overrides=args.set, seed=args.seed, workers=args.workers, stages=args.stage,
+                          progress=_Progress("train", not args.quiet))
+    print(json.dumps({name: {k: s[k] for k in ("epochs_done", "total_epochs", "finished", "best")} for name, s in summaries.items()}))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    result = evaluate(args.model, Path(args.data), Path(args.out), cases=_cases(args.cases),
+                      png_dir=Path(args.png_dir) if args.png_dir else None, device=args.device, tta=args.tta,
+                      overwrite=args.overwrite, progress=_Progress("evaluate", not args.quiet))
+    mean = result["mean"]
+    print(json.dumps({"csv": result["csv"], "png_dir": result["png_dir"], "cases": len(result["cases"]),
+                      "kidney_dice": mean["kidney_dice"], "tumor_dice": mean["tumor_dice"], "mean_dice": mean["mean_dice"]}))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_runs
+
+    package = export_runs([Path(r) for r in args.run], Path(args.out), top_k=args.top_k, name=args.name, version=args.version,
+                          overwrite=args.overwrite, allow_unfinished=args.allow_unfinished)
+    m = package.manifest
+    print(json.dumps({"package": str(package.root), "name": m.name,
+                      "weights": {s.name: [w.file for w in s.weights] for s in m.stages}}))
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from .recipes import get_recipe, names
+
+    if not args.name:
+        for n in names():
+            r = get_recipe(n)
+            print(f"{n:18s} {r['summary']}")
+        return 0
+    recipe = get_recipe(args.name, smoke=args.smoke)
+    recipe.pop("smoke", None)
+    print(json.dumps(recipe, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m Training",
+                                description="Train, evaluate and export the seed papers' kidney / tumor segmentation models.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("phantoms", help="synthetic CT on real KiTS19 label maps (KiTS19 layout)")
+    s.add_argument("--labels", required=True, help="folder of case_XXXXX/segmentation.nii.gz (e.g. ../shared/data/kits19_labels)")
+    s.add_argument("--out", required=True, help="dataset folder to write")
+    s.add_argument("--cases", help="case numbers, e.g. 0-129 (default: all)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--downsample-inplane", type=float, default=1.0, metavar="F", help="in-plane voxels / F (physical extent kept)")
+    s.add_argument("--max-slices", type=int, metavar="N", help="at most N slices (crop around the kidneys, else thicker slices)")
+    s.add_argument("--cysts", action="store_true", help="add cyst-like lesions (label 3) to 60%% of the cases")
+    s.add_argument("--intensity-shift", type=float, default=0.0, metavar="HU", help="added to contrast-enhanced tissues")
+    s.add_argument("--overwrite", action="store_true", help="rewrite existing cases")
+    s.set_defaults(func=cmd_phantoms)
+
+    s = sub.add_parser("fingerprint", help="dataset fingerprint: spacings, foreground intensity statistics")
+    s.add_argument("--data", required=True, help="KiTS19-layout dataset")
+    s.add_argument("--cases")
+    s.add_argument("--out", help="write the full fingerprint JSON here")
+    s.add_argument("--samples-per-case", type=int, default=10_000)
+    s.set_defaults(func=cmd_fingerprint)
+
+    s = sub.add_parser("preprocess", help="cache every case resampled for a recipe's stages (memory-mapped .npy)")
+    s.add_argument("--data", required=True, help="KiTS19-layout dataset")
+    s.add_argument("--recipe", required=True, help="recipe name (see 'recipes')")
+    s.add_argument("--out", required=True, help="cache folder (give it to train --data)")
+    s.add_argument("--cases")
+    s.add_argument("--smoke", action="store_true", help="the recipe's tiny CPU variant")
+    s.add_argument("--set", action="append", default=[], metavar="STAGE.SECTION.KEY=JSON", help="override a recipe value")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--register-worst", metavar="CSV", help="registration augmentation: deform partners onto the worst cases of "
+                                                           "this evaluate CSV (two_phase_vnet)")
+    s.add_argument("--worst", type=int, help="how many worst cases (default: the recipe's, 20)")
+    s.add_argument("--partners", type=int, help="cases deformed onto each (default: the recipe's, 10)")
+    s.add_argument("--fold", type=_fold, default=0, help="fold whose training cases may be used (default 0)")
+    s.add_argument("--folds", type=int, default=5)
+    s.set_defaults(func=cmd_preprocess)
+
+    s = sub.add_parser("train", help="train (or resume) a recipe")
+    s.add_argument("--recipe", help="recipe name (not needed with --resume)")
+    s.add_argument("--data", help="KiTS19-layout dataset or a preprocess cache")
+    s.add_argument("--out", required=True, help="run folder")
+    s.add_argument("--fold", type=_fold, default=0, help="validation fold 0..folds-1, or 'all' (no validation); default 0")
+    s.add_argument("--folds", type=int, default=5)
+    s.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    s.add_argument("--max-epochs", type=int, help="stop each stage after this many epochs (resume later for more)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    s.add_argument("--smoke", action="store_true", help="the recipe's tiny CPU variant")
+    s.add_argument("--set", action="append", default=[], metavar="STAGE.SECTION.KEY=JSON", help="override a recipe value")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    s.add_argument("--stage", action="append", help="train only this stage (repeatable)")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="KiTS19 metrics of a model package on a labelled dataset")
+    s.add_argument("--model", required=True, help="model package folder or installed name")
+    s.add_argument("--data", required=True, help="KiTS19-layout dataset with labels")
+    s.add_argument("--cases")
+    s.add_argument("--out", required=True, help="metrics CSV to write")
+    s.add_argument("--png-dir", help="overview PNGs (default: <csv stem>_png next to the CSV)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("export", help="model package from training runs")
+    s.add_argument("--run", action="append", required=True, help="run folder (repeat for a fold ensemble)")
+    s.add_argument("--out", required=True, help="package folder to write")
+    s.add_argument("--top-k", type=int, help="checkpoints per run and stage (default: the recipe's keep_top_k)")
+    s.add_argument("--name", help="package name (default kidney-<recipe>)")
+    s.add_argument("--version", default="0.1.0")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--allow-unfinished", action="store_true", help="export a stage stopped early by --max-epochs")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("recipes", help="list recipes, or show one as JSON")
+    s.add_argument("name", nargs="?")
+    s.add_argument("--smoke", action="store_true")
+    s.set_defaults(func=cmd_recipes)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run a command; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s",
+                            datefmt="%H:%M:%S", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted (a training run resumes with --resume)", file=sys.stderr)
+        return 130
+    except (KidneyTumorSegError, ValueError, OSError) as exc:
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2

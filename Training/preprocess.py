@@ -1,0 +1,306 @@
+"""Preprocessing cache: every case resampled to each stage's working grid, as memory-mapped .npy files.
+
+A stage's training volumes are made by the library's own inference preprocessing
+(:func:`KidneyTumorSegLib.pipeline.stage_regions` and :func:`stage_input_channels`), with the
+regions taken from the truth instead of a previous stage's prediction: a ``whole`` stage gets the
+full volume, a ``components`` stage one volume per kidney box (grown by the manifest's margin),
+a ``fixed_box`` stage the box centred on the truth's foreground, and a masked stage
+(``mask_labels``) the CT masked with the truth. So networks see exactly what inference feeds them.
+
+Layout of a cache folder::
+
+    cache.json                    dataset path, fingerprint, cases, one entry per input spec
+    <stage>-<hash>/index.json     the spec and one record per volume (case, region, shape, class voxels)
+    <stage>-<hash>/case_00012_r0_image.npy    float32 [C, z, y, x] (normalised network input)
+    <stage>-<hash>/case_00012_r0_target.npy   uint8 [z, y, x] class indices of the stage's classes
+    <stage>-<hash>/case_00012_r0_where.npz    foreground voxel coordinates per class (<= 20 000 each) and
+                                              the indices of slices holding foreground
+
+The spec hash covers everything that changes the volumes (spacing, normalisation, region,
+inputs, classes, patch), so recipes and phases share folders when they can and a changed recipe
+never reads stale data. Labels the stage does not predict fold into the next class it has
+(cyst -> kidney -> background, tumor -> kidney -> background).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from KidneyTumorSegLib import geometry as geo
+from KidneyTumorSegLib.errors import InputError, OutputError
+from KidneyTumorSegLib.labels import LABEL_VALUES
+from KidneyTumorSegLib.manifest import ModelManifest, StageSpec
+from KidneyTumorSegLib.pipeline import _StageOutput, stage_input_channels, stage_regions
+
+from .dataset import Case, case_name, list_cases, read_case
+from .fingerprint import compute_fingerprint
+
+logger = logging.getLogger(__name__)
+
+CACHE_JSON = "cache.json"
+INDEX_JSON = "index.json"
+MAX_LOCATIONS = 20_000
+_FALLBACK = {"cyst": "kidney", "tumor": "kidney", "kidney": "background"}
+_SPEC_KEYS = ("classes", "spacing_mm", "normalization", "patch_size", "region", "inputs")
+
+
+def class_lookup(classes: Sequence[str]) -> np.ndarray:
+    """uint8 lookup label value -> class index of ``classes`` (unknown labels fold as the module says)."""
+    table = np.zeros(256, dtype=np.uint8)
+    for name, value in LABEL_VALUES.items():
+        target = name
+        while target not in classes:
+            target = _FALLBACK.get(target, "background")
+        table[value] = classes.index(target)
+    return table
+
+
+def input_spec(stage_manifest: dict) -> dict:
+    """The part of a manifest stage entry that determines its training volumes."""
+    return {k: stage_manifest.get(k) for k in _SPEC_KEYS}
+
+
+def spec_key(stage_manifest: dict) -> str:
+    """Folder name ``<stage>-<10 hex digits of the spec's sha1>``."""
+    text = json.dumps(input_spec(stage_manifest), sort_keys=True)
+    return f"{stage_manifest['name']}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+
+
+def _stage_and_manifest(stage_manifest: dict) -> tuple[StageSpec, ModelManifest]:
+    entry = dict(stage_manifest)
+    entry["weights"] = [{"file": "w.pt", "sha256": "0" * 64}]
+    if entry.get("inputs", {}).get("prior_from"):
+        raise InputError(f"stage {entry['name']!r}: training a cascade with prior_from is not supported")
+    first = dict(entry, region={"kind": "whole"}, inputs={k: v for k, v in entry.get("inputs", {}).items() if k == "slices_as_channels"},
+                 name="_first", role="segment")
+    labels = {"background": 0, "kidney": 1, "tumor": 2, "cyst": 3}
+    manifest = ModelManifest.from_dict({"schema_version": 1, "name": "cache", "version": "0", "description": "", "intended_use": "",
+                                        "licence": "", "labels": labels, "stages": [first, entry]})
+    return manifest.stage(entry["name"]), manifest
+
+
+def stage_volumes(stage_manifest: dict, ct: sitk.Image, labels: sitk.Image) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Training volumes of one case for one stage: ``[(image float32 [C, z, y, x], target uint8 [z, y, x])]``,
+    one per region, computed exactly as inference computes its input (regions from the truth)."""
+    stage, manifest = _stage_and_manifest(stage_manifest)
+    spacing = geo.stage_spacing(ct, stage.spacing_mm)
+    truth = _StageOutput(labels)
+    boxes = stage_regions(stage, ct, truth if stage.region.kind != "whole" else None, spacing)
+    canonical, _, _ = geo.canonical_axes(ct.GetDirection())
+    source = geo.shrink_for_spacing(ct, spacing)
+    lookup = class_lookup(list(stage.classes))
+    out = []
+    for box in boxes:
+        grid = geo.grid_for_box(box, spacing, canonical)
+        image = stage_input_channels(stage, manifest, source, grid, truth, {})
+        target = sitk.GetArrayFromImage(geo.resample(labels, grid, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+        out.append((image, lookup[target]))
+    return out
+
+
+def _where(target: np.ndarray, num_classes: int, rng: np.random.Generator) -> dict:
+    arrays = {"slices": np.nonzero(np.any(target > 0, axis=(1, 2)))[0].astype(np.int32)}
+    for c in range(1, num_classes):
+        loc = np.argwhere(target == c).astype(np.int32)
+        if len(loc) > MAX_LOCATIONS:
+            loc = loc[np.sort(rng.choice(len(loc), MAX_LOCATIONS, replace=False))]
+        arrays[f"class{c}"] = loc
+    return arrays
+
+
+def _case_info(ct: sitk.Image, labels: sitk.Image) -> dict:
+    hu = sitk.GetArrayViewFromImage(ct)
+    lab = sitk.GetArrayViewFromImage(labels)
+    info = {"has_cyst": bool((lab == 3).any())}
+    for name, value in (("kidney", 1), ("tumor", 2)):
+        m = lab == value
+        info[f"{name}_mean_hu"] = float(hu[m].mean()) if m.any() else None
+    return info
+
+
+@dataclass
+class SpecFolder:
+    """One input spec's folder: its index (spec + volume records), read and written as JSON."""
+
+    path: Path
+
+    def index(self) -> dict:
+        p = self.path / INDEX_JSON
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def write_index(self, index: dict) -> None:
+        tmp = self.path / f".{INDEX_JSON}.tmp"
+        tmp.write_text(json.dumps(index, indent=1) + "\n")
+        tmp.replace(self.path / INDEX_JSON)
+
+
+class Cache:
+    """A preprocessing cache folder (see the module text)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @property
+    def meta_path(self) -> Path:
+        return self.root / CACHE_JSON
+
+    def exists(self) -> bool:
+        return self.meta_path.is_file()
+
+    def meta(self) -> dict:
+        if not self.exists():
+            raise InputError(f"{self.root} is not a preprocessing cache (no {CACHE_JSON}); run 'python -m Training preprocess' first")
+        return json.loads(self.meta_path.read_text())
+
+    def write_meta(self, meta: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{CACHE_JSON}.tmp"
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+        tmp.replace(self.meta_path)
+
+    def folder(self, stage_manifest: dict) -> SpecFolder:
+        return SpecFolder(self.root / spec_key(stage_manifest))
+
+    def has(self, stage_manifest: dict, cases: Iterable[int]) -> bool:
+        done = set(self.folder(stage_manifest).index().get("cases", {}))
+        return all(case_name(c) in done for c in cases)
+
+    def records(self, stage_manifest: dict) -> list[dict]:
+        """Volume records of a spec (case, region, file names, shape, class voxels, case info, augmented)."""
+        index = self.folder(stage_manifest).index()
+        return [r for name in sorted(index.get("cases", {})) for r in index["cases"][name]] + list(index.get("augmented", []))
+
+
+def init_cache(cache: Cache, data_dir: Path, cases: Optional[Sequence[int]], fingerprint: Optional[dict] = None,
+               progress: Optional[Callable[[int, int, str], None]] = None) -> dict:
+    """Create (or reuse) the cache's ``cache.json`` for ``data_dir``: dataset path, case numbers and fingerprint."""
+    listed = list_cases(Path(data_dir), cases)
+    numbers = [c.number for c in listed]
+    if cache.exists():
+        meta = cache.meta()
+        if Path(meta["dataset"]).resolve() != Path(data_dir).resolve() or meta["cases"] != numbers:
+            raise OutputError(f"{cache.root} caches {meta['dataset']} (cases {len(meta['cases'])}); use another --out for "
+                              f"{data_dir} with {len(numbers)} cases")
+        if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+            meta["fingerprint"] = fingerprint
+            cache.write_meta(meta)
+        return meta
+    fp = fingerprint if fingerprint is not None else compute_fingerprint(listed, progress=progress)
+    meta = {"dataset": str(Path(data_dir).resolve()), "cases": numbers, "fingerprint": fp, "specs": {}}
+    cache.write_meta(meta)
+    return meta
+
+
+def preprocess(cache: Cache, stage_manifests: Sequence[dict], cases: Optional[Sequence[int]] = None,
+               progress: Optional[Callable[[int, int, str], None]] = None, seed: int = 0) -> dict:
+    """Write the training volumes of every ``stage_manifests`` entry for ``cases`` (default: all cases of
+    the cache) into ``cache``; cases already there are kept. Returns ``{spec folder: number of volumes}``."""
+    meta = cache.meta()
+    numbers = meta["cases"] if cases is None else list(cases)
+    listed = {c.number: c for c in list_cases(Path(meta["dataset"]), numbers)}
+    specs = {}
+    for m in stage_manifests:
+        specs.setdefault(spec_key(m), m)
+    todo = {key: [n for n in numbers if case_name(n) not in SpecFolder(cache.root / key).index().get("cases", {})]
+            for key in specs}
+    wanted = sorted({n for missing in todo.values() for n in missing})
+    t0 = time.perf_counter()
+    for i, number in enumerate(wanted):
+        ct, labels = read_case(listed[number])
+        info = _case_info(ct, labels)
+        for key, m in specs.items():
+            if number in todo[key]:
+                _write_case(SpecFolder(cache.root / key), m, number, ct, labels, info, seed)
+        if progress is not None:
+            progress(i + 1, len(wanted), case_name(number))
+    meta = cache.meta()
+    for key, m in specs.items():
+        meta["specs"][key] = input_spec(m)
+    cache.write_meta(meta)
+    logger.info("preprocessed %d case(s) for %d spec(s) in %.1f s", len(wanted), len(specs), time.perf_counter() - t0)
+    return {key: len(cache.records(m)) for key, m in specs.items()}
+
+
+def _write_case(folder: SpecFolder, stage_manifest: dict, number: int, ct, labels, info: dict, seed: int,
+                augmented_from: Optional[list] = None) -> list[dict]:
+    folder.path.mkdir(parents=True, exist_ok=True)
+    index = folder.index() or {"spec": input_spec(stage_manifest), "cases": {}, "augmented": []}
+    rng = np.random.default_rng([int(seed), int(number)] + [int(v) for v in (augmented_from or [])])
+    prefix = case_name(number) if augmented_from is None else f"aug_{augmented_from[0]:05d}_onto_{augmented_from[1]:05d}"
+    records = []
+    num_classes = len(stage_manifest["classes"])
+    for r, (image, target) in enumerate(stage_volumes(stage_manifest, ct, labels)):
+        stem = f"{prefix}_r{r}"
+        np.save(folder.path / f"{stem}_image.npy", image)
+        np.save(folder.path / f"{stem}_target.npy", target)
+        np.savez(folder.path / f"{stem}_where.npz", **_where(target, num_classes, rng))
+        records.append({"case": int(number), "region": r, "stem": stem, "shape": list(target.shape),
+                        "channels": int(image.shape[0]),
+                        "class_voxels": [int(v) for v in np.bincount(target.ravel(), minlength=num_classes)],
+                        "info": info, "augmented_from": augmented_from})
+    if augmented_from is None:
+        index["cases"][case_name(number)] = records
+    else:
+        index["augmented"] = [a for a in index["augmented"] if a["stem"].rsplit("_r", 1)[0] != prefix] + records
+    folder.write_index(index)
+    return records
+
+
+def add_registration_augmentation(cache: Cache, stage_manifests: Sequence[dict], worst_cases: Sequence[int],
+                                  partners: int, train_cases: Sequence[int], seed: int = 0,
+                                  progress: Optional[Callable[[int, int, str], None]] = None) -> int:
+    """Deform ``partners`` random training cases onto each of ``worst_cases`` (registration augmentation of
+    seed 003) and add the results to each spec folder as extra training volumes. Returns how many were made."""
+    from .registration import deform_onto
+
+    meta = cache.meta()
+    listed = {c.number: c for c in list_cases(Path(meta["dataset"]), meta["cases"])}
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for hard in worst_cases:
+        others = [n for n in train_cases if n != hard]
+        chosen = rng.choice(others, size=min(partners, len(others)), replace=False) if others else []
+        pairs += [(int(p), int(hard)) for p in chosen]
+    for i, (moving, fixed) in enumerate(pairs):
+        fixed_ct, _ = read_case(listed[fixed])
+        moving_ct, moving_labels = read_case(listed[moving])
+        ct, labels = deform_onto(moving_ct, moving_labels, fixed_ct, seed=seed)
+        info = _case_info(ct, labels)
+        for m in {spec_key(m): m for m in stage_manifests}.values():
+            _write_case(cache.folder(m), m, fixed, ct, labels, info, seed, augmented_from=[moving, fixed])
+        if progress is not None:
+            progress(i + 1, len(pairs), f"{case_name(moving)} onto {case_name(fixed)}")
+    return len(pairs)
+
+
+def worst_cases_from_csv(path: Path, count: int) -> list[int]:
+    """The ``count`` cases with the lowest ``mean_dice`` in a ``Training evaluate`` CSV."""
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("case", "").startswith("case_")]
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not rows or "mean_dice" not in rows[0]:
+        raise InputError(f"{path}: expected an evaluate CSV with case and mean_dice columns")
+    rows.sort(key=lambda r: float(r["mean_dice"]))
+    return [int(r["case"].split("_")[1]) for r in rows[:count]]
+
+
+def load_volume(folder: Path, stem: str) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-mapped ``(image [C, z, y, x], target [z, y, x])`` of a cached volume."""
+    return (np.load(folder / f"{stem}_image.npy", mmap_mode="r"), np.load(folder / f"{stem}_target.npy", mmap_mode="r"))
+
+
+__all__ = ["Cache", "init_cache", "preprocess", "stage_volumes", "class_lookup", "spec_key", "input_spec",
+           "add_registration_augmentation", "worst_cases_from_csv", "load_volume", "Case"]

@@ -1,0 +1,161 @@
+"""A training run: a recipe resolved for a dataset, a fold, and one trainer per stage.
+
+Run folder::
+
+    run.json          recipe name and resolved settings, cache, dataset, fold, train / validation
+                      cases, seed, command, commit
+    cache/            the preprocessing cache (unless --data named an existing cache)
+    <stage>/          checkpoint_last.pt, metrics.jsonl, top/, final.pt (see :mod:`Training.trainer`)
+
+``--data`` may be a KiTS19-layout dataset (the cache is built in ``OUT/cache``) or a cache made
+by ``preprocess`` (its ``cache.json`` names the dataset). Resuming reads everything from
+``run.json``; only ``--max-epochs`` and the device may change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from KidneyTumorSegLib.errors import InputError, OutputError
+
+from .dataset import fold_split
+from .distributed import barrier, init_from_env
+from .phantom_dataset import is_phantom_dataset
+from .preprocess import CACHE_JSON, Cache, init_cache, preprocess
+from .recipes import apply_overrides, get_recipe, resolve
+from .trainer import Hook, StageTrainer
+
+logger = logging.getLogger(__name__)
+
+RUN_JSON = "run.json"
+
+
+def git_commit() -> str:
+    """The source tree's commit (``-dirty`` when it has uncommitted changes), or ``unknown``."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               check=True, cwd=here).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def open_cache(data: Path, out: Path) -> Cache:
+    """The cache for ``data``: ``data`` itself when it is one, else ``out/cache`` (created for the dataset)."""
+    data = Path(data)
+    if (data / CACHE_JSON).is_file():
+        return Cache(data)
+    cache = Cache(Path(out) / "cache")
+    init_cache(cache, data, None)
+    return cache
+
+
+def stage_manifests(resolved: dict) -> list[dict]:
+    """Every phase's manifest entry of every stage (what the cache must hold)."""
+    return [p["manifest"] for s in resolved["stages"] for p in s["phases"]]
+
+
+def read_run(out: Path) -> dict:
+    path = Path(out) / RUN_JSON
+    if not path.is_file():
+        raise InputError(f"{out} is not a training run (no {RUN_JSON})")
+    return json.loads(path.read_text())
+
+
+def _create_run(recipe_name: str, data: Path, out: Path, fold: Optional[int], folds: int, smoke: bool,
+                overrides: Sequence[str], seed: int, progress) -> dict:
+    recipe = apply_overrides(get_recipe(recipe_name, smoke=smoke), list(overrides))
+    cache = open_cache(data, out)
+    meta = cache.meta()
+    resolved = resolve(recipe, meta["fingerprint"])
+    preprocess(cache, stage_manifests(resolved), progress=progress, seed=seed)
+    train, val = fold_split(meta["cases"], fold, folds)
+    run = {
+        "recipe": recipe["name"], "resolved": resolved, "cache": str(cache.root.resolve()), "dataset": meta["dataset"],
+        "phantoms": is_phantom_dataset(Path(meta["dataset"])), "fold": fold, "folds": folds,
+        "train_cases": train, "val_cases": val, "seed": int(seed),
+        "command": "python -m Training " + " ".join(sys.argv[1:]), "commit": git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    tmp = out / f".{RUN_JSON}.tmp"
+    tmp.write_text(json.dumps(run, indent=1) + "\n")
+    tmp.replace(out / RUN_JSON)
+    return run
+
+
+def split_records(records: list[dict], train_cases, val_cases) -> tuple[list[dict], list[dict]]:
+    """Volume records of the training and validation cases; registration-augmented volumes train only,
+    and only when both of their cases are training cases."""
+    train_set, val_set = set(train_cases), set(val_cases)
+    train = [r for r in records if (r.get("augmented_from") and set(r["augmented_from"]) <= train_set)
+             or (not r.get("augmented_from") and r["case"] in train_set)]
+    val = [r for r in records if not r.get("augmented_from") and r["case"] in val_set]
+    return train, val
+
+
+def train_run(recipe_name: Optional[str], data: Optional[Path], out: Path, fold: Optional[int] = 0, folds: int = 5,
+              resume: bool = False, max_epochs: Optional[int] = None, device: str = "auto", smoke: bool = False,
+              overrides: Sequence[str] = (), seed: int = 0, workers: int = 0, stages: Optional[Sequence[str]] = None,
+              hooks: Sequence[Hook] = (), progress: Optional[Callable[[int, int, str], None]] = None) -> dict:
+    """Train (or resume) a run; returns ``{stage: summary}`` (see :meth:`StageTrainer.fit`)."""
+    from KidneyTumorSegLib.device import resolve_device
+
+    try:
+        dev, _ = resolve_device(device)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    dist = init_from_env(dev)
+    if dist is not None and dev.type == "cuda":
+        dev = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(dev)
+    out = Path(out)
+    exists = (out / RUN_JSON).is_file()
+    if dist is None or dist.is_main:
+        if exists and not resume:
+            raise OutputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        if not exists:
+            if resume:
+                raise InputError(f"nothing to resume: {out} holds no {RUN_JSON}")
+            if recipe_name is None or data is None:
+                raise InputError("a new run needs --recipe and --data")
+            out.mkdir(parents=True, exist_ok=True)
+            _create_run(recipe_name, Path(data), out, fold, folds, smoke, overrides, seed, progress)
+    barrier(dist)
+    run = read_run(out)
+    if recipe_name is not None and get_recipe(recipe_name)["name"] != run["recipe"]:
+        raise InputError(f"{out} is a run of recipe {run['recipe']!r}, not {recipe_name!r}")
+    cache = Cache(Path(run["cache"]))
+    names = [s["name"] for s in run["resolved"]["stages"]]
+    for name in stages or []:
+        if name not in names:
+            raise InputError(f"recipe {run['recipe']!r} has no stage {name!r}; stages: {', '.join(names)}")
+    summaries = {}
+    for i, stage in enumerate(run["resolved"]["stages"]):
+        if stages and stage["name"] not in stages:
+            continue
+        folders, train_records, val_records = [], [], []
+        for phase in stage["phases"]:
+            folders.append(cache.folder(phase["manifest"]).path)
+            t, v = split_records(cache.records(phase["manifest"]), run["train_cases"], run["val_cases"])
+            if not t:
+                raise InputError(f"stage {stage['name']!r}: no training volumes (do the training cases hold kidneys?)")
+            train_records.append(t)
+            val_records.append(v)
+        trainer = StageTrainer(out / stage["name"], stage, folders, train_records, val_records, dev,
+                               seed=run["seed"] * 1000 + i, workers=workers, hooks=hooks, progress=progress, dist=dist)
+        summaries[stage["name"]] = trainer.fit(max_epochs=max_epochs, resume=resume)
+    if dist is not None:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
+    return summaries

@@ -1,0 +1,346 @@
+"""Training of one stage: epochs of reproducible batches, validation Dice, exact checkpoints.
+
+One :class:`StageTrainer` trains one network of a recipe through its phases. Per epoch:
+``iterations`` batches from :class:`~Training.sampling.PatchSampler` (loaded in worker processes
+when ``workers > 0``), augmented on the device, forward (mixed precision on CUDA), loss, step;
+the schedule sees the epoch's mean loss; validation (every ``validation.every_epochs``) runs the
+library's sliding-window predictor over each validation volume of the cache and reports KiTS19
+kidney / tumor Dice; then the checkpoint and the metrics log are written.
+
+Files in the stage folder:
+
+* ``checkpoint_last.pt`` - model, optimizer, schedule, AMP scaler, epoch, phase, RNG states (torch,
+  CUDA, numpy, python), history, top-k list; written atomically after every epoch. Resuming from
+  it continues exactly as an uninterrupted run: batches and augmentations are functions of
+  (seed, phase, epoch, iteration, rank), so nothing else needs saving.
+* ``metrics.jsonl`` - one JSON line per epoch: stage, phase, epoch (completed count), train_loss,
+  lr, val (kidney / tumor Dice), val_score (their mean), seconds.
+* ``top/epoch_XXXX.pt`` - weights of the best ``keep_top_k`` epochs of the final phase by
+  val_score (an ensemble at export); ``final.pt`` - weights when the stage has finished.
+
+Hooks (objects with ``on_iteration_end(trainer, epoch, iteration, loss)`` and/or
+``on_epoch_end(trainer, record)``) observe training; an exception from a hook stops it (the last
+checkpoint stays valid).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from KidneyTumorSegLib.errors import OutputError
+from KidneyTumorSegLib.labels import LABEL_VALUES
+from KidneyTumorSegLib.networks import build_network
+from KidneyTumorSegLib.normalization import IntensityNormalization
+from KidneyTumorSegLib.pipeline import AIR_HU
+
+from .augmentation import Augmenter
+from .distributed import DistInfo, barrier, mean_across
+from .losses import CompositeLoss
+from .metrics import structure_masks
+from .preprocess import load_volume
+from .sampling import BatchDataset, PatchSampler
+from .schedules import EpochSchedule
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint_last.pt"
+METRICS = "metrics.jsonl"
+FINAL = "final.pt"
+TOP_DIR = "top"
+CHECKPOINT_FORMAT = 1
+
+
+def _seed_int(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def build_optimizer(spec: dict, params) -> torch.optim.Optimizer:
+    """Adam / AdamW / SGD from a recipe's optimizer spec."""
+    name = spec.get("name", "adam")
+    lr = float(spec["lr"])
+    wd = float(spec.get("weight_decay", 0.0))
+    if name in ("adam", "adamw"):
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        return cls(params, lr=lr, weight_decay=wd, betas=tuple(spec.get("betas", (0.9, 0.999))), eps=float(spec.get("eps", 1e-8)))
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(spec.get("momentum", 0.99)),
+                               nesterov=bool(spec.get("nesterov", True)))
+    raise ValueError(f"unknown optimizer {name!r}; valid: adam, adamw, sgd")
+
+
+def _numpy_state() -> list:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _set_numpy_state(state: list) -> None:
+    np.random.set_state((state[0], np.asarray(state[1], dtype=np.uint32), state[2], state[3], state[4]))
+
+
+class Hook:
+    """Base class of training hooks; override what you need."""
+
+    def on_iteration_end(self, trainer: "StageTrainer", epoch: int, iteration: int, loss: float) -> None:
+        return None
+
+    def on_epoch_end(self, trainer: "StageTrainer", record: dict) -> None:
+        return None
+
+
+class StageTrainer:
+    """Trains one resolved recipe stage.
+
+    ``stage``: ``{"name", "phases": [{"epochs", "manifest", "training"}]}`` from
+    :func:`Training.recipes.resolve`; ``folders[p]``: the cache folder of phase p;
+    ``train_records[p]`` / ``val_records[p]``: that folder's volume records for the training and
+    validation cases; ``device``: a torch device; ``seed``: everything random derives from it.
+    """
+
+    def __init__(self, out_dir: Path, stage: dict, folders: Sequence[Path], train_records: Sequence[list],
+                 val_records: Sequence[list], device: torch.device, seed: int = 0, workers: int = 0,
+                 hooks: Sequence[Hook] = (), progress: Optional[Callable[[int, int, str], None]] = None,
+                 dist: Optional[DistInfo] = None):
+        self.out = Path(out_dir)
+        self.stage = stage
+        self.name = stage["name"]
+        self.phases = stage["phases"]
+        self.folders = [Path(f) for f in folders]
+        self.train_records, self.val_records = list(train_records), list(val_records)
+        self.device = device
+        self.seed = int(seed)
+        self.workers = int(workers)
+        self.hooks = list(hooks)
+        self.progress = progress
+        self.dist = dist
+        self.rank = dist.rank if dist else 0
+        self.is_main = dist is None or dist.is_main
+        starts = np.cumsum([0] + [int(p["epochs"]) for p in self.phases])
+        self.phase_starts = [int(s) for s in starts]
+        self.total_epochs = self.phase_starts[-1]
+        final = self.phases[-1]["manifest"]
+        self.keep_top_k = int(self.phases[-1]["training"].get("keep_top_k", 1))
+        torch.manual_seed(_seed_int(self.seed, 1))
+        inputs = final.get("inputs") or {}
+        self.in_channels = int(inputs.get("slices_as_channels") or 1)
+        self.net = build_network(final["network"]["name"], in_channels=self.in_channels, num_classes=len(final["classes"]),
+                                 **final["network"].get("kwargs", {})).to(device)
+        self.spatial_dims = int(getattr(self.net, "spatial_dims", 3))
+        self.model = self.net
+        if dist is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+        self.epoch = 0
+        self.phase = -1
+        self.history: list = []
+        self.top: list = []
+
+    # -- phases ---------------------------------------------------------------------------------
+    def phase_of(self, epoch: int) -> int:
+        for p in range(len(self.phases)):
+            if epoch < self.phase_starts[p + 1]:
+                return p
+        return len(self.phases) - 1
+
+    def _start_phase(self, p: int) -> None:
+        self.phase = p
+        phase = self.phases[p]
+        m, t = phase["manifest"], phase["training"]
+        self.optimizer = build_optimizer(t["optimizer"], self.net.parameters())
+        self.schedule = EpochSchedule(t.get("scheduler"), float(t["optimizer"]["lr"]), int(phase["epochs"]))
+        self.loss_fn = CompositeLoss(t["loss"]["terms"], m["classes"], t["loss"].get("outputs"))
+        norm = IntensityNormalization.from_dict(m["normalization"])
+        self.pad_value = float(norm.normalized_value(AIR_HU))
+        patch_xyz = list(t["patch_size"])
+        patch = tuple(reversed(patch_xyz))[-self.spatial_dims:] if self.spatial_dims == 2 else tuple(reversed(patch_xyz))
+        self.sampler = PatchSampler(self.folders[p], self.train_records[p], patch, t, self.pad_value, len(m["classes"]),
+                                    self.seed, p)
+        spacing = [1.0 if s is None else float(s) for s in m["spacing_mm"]]
+        self.augmenter = Augmenter(t.get("augmentation") or {}, spacing, self.spatial_dims, self.pad_value,
+                                   self.in_channels, norm.scale)
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT
+
+    def state(self) -> dict:
+        """Everything an exact resume needs."""
+        return {
+            "format": CHECKPOINT_FORMAT, "stage": self.name, "epoch": self.epoch, "phase": self.phase,
+            "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(), "history": self.history, "top": self.top,
+            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": list(random.getstate()),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+
+    def _save_checkpoint(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / f".{CHECKPOINT}.tmp"
+        torch.save(self.state(), tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def _load_checkpoint(self) -> None:
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("stage") != self.name:
+            raise ValueError(f"{self.checkpoint_path} is not a checkpoint of stage {self.name!r}")
+        self.net.load_state_dict(state["model"])
+        self._start_phase(int(state["phase"]))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.top = list(state["top"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        _set_numpy_state(rng["numpy"])
+        py = rng["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _write_metrics(self) -> None:
+        tmp = self.out / f".{METRICS}.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        os.replace(tmp, self.out / METRICS)
+
+    # -- training ------------------------------------------------------------------------------------
+    def fit(self, max_epochs: Optional[int] = None, resume: bool = False) -> dict:
+        """Train until the last phase ends (or ``max_epochs`` epochs are done, or the schedule stops the last
+        phase). ``resume`` continues from ``checkpoint_last.pt`` when it exists. Returns a summary."""
+        if resume and self.checkpoint_path.is_file():
+            self._load_checkpoint()
+            logger.info("stage %s: resumed after epoch %d", self.name, self.epoch)
+        elif self.checkpoint_path.is_file() and self.is_main:
+            raise OutputError(f"{self.checkpoint_path} exists; resume it (--resume) instead of starting over")
+        limit = self.total_epochs if max_epochs is None else min(self.total_epochs, int(max_epochs))
+        while self.epoch < limit:
+            p = self.phase_of(self.epoch)
+            if p != self.phase:
+                self._start_phase(p)
+            self._run_epoch(p)
+        finished = self.epoch >= self.total_epochs
+        if finished and self.is_main:
+            torch.save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, self.out / FINAL)
+        barrier(self.dist)
+        return {"stage": self.name, "epochs_done": self.epoch, "total_epochs": self.total_epochs, "finished": finished,
+                "best": self.top[0] if self.top else None, "last": self.history[-1] if self.history else None}
+
+    def _run_epoch(self, p: int) -> None:
+        t0 = time.perf_counter()
+        epoch_in_phase = self.epoch - self.phase_starts[p]
+        lr = self.schedule.lr_for_epoch(epoch_in_phase)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = mean_across(self._train_epoch(epoch_in_phase), self.dist, self.device)
+        stop = self.schedule.end_epoch(epoch_in_phase, loss)
+        val = None
+        validation = self.phases[p]["training"].get("validation") or {}
+        every = max(1, int(validation.get("every_epochs", 1)))
+        is_phase_end = self.epoch + 1 == self.phase_starts[p + 1] or stop
+        if self.is_main and self.val_records[p] and ((epoch_in_phase + 1) % every == 0 or is_phase_end):
+            val = self.validate(p, validation.get("max_cases"))
+        self.epoch = self.phase_starts[p + 1] if stop else self.epoch + 1
+        record = {"stage": self.name, "phase": p, "epoch": self.epoch, "train_loss": loss, "lr": lr,
+                  "val": val, "val_score": None if not val else float(np.mean(list(val.values()))),
+                  "stopped_by_schedule": bool(stop), "seconds": round(time.perf_counter() - t0, 3)}
+        self.history.append(record)
+        if self.is_main:
+            if p == len(self.phases) - 1 and record["val_score"] is not None:
+                self._keep_top(record)
+            self._save_checkpoint()
+            self._write_metrics()
+        barrier(self.dist)
+        logger.info("stage %s epoch %d/%d: loss %.4f lr %.2e%s", self.name, self.epoch, self.total_epochs, loss, lr,
+                    "" if not val else " val " + " ".join(f"{k} {v:.3f}" for k, v in val.items()))
+        for hook in self.hooks:
+            hook.on_epoch_end(self, record)
+
+    def _train_epoch(self, epoch_in_phase: int) -> float:
+        iterations = self.sampler.iterations_per_epoch()
+        keys = [(self.epoch, it) for it in range(iterations)]
+        loader = torch.utils.data.DataLoader(BatchDataset(self.sampler, keys, self.rank), batch_size=None, shuffle=False,
+                                             num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        self.model.train()
+        losses = []
+        for x, y, it in loader:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            gen = torch.Generator().manual_seed(_seed_int(self.seed, self.phase, self.epoch, it, self.rank, 2))
+            x, y = self.augmenter(x, y, gen)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+                out = self.model(x)
+            loss = self.loss_fn(out, y.long(), self.epoch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            value = float(loss.detach().item())
+            losses.append(value)
+            for hook in self.hooks:
+                hook.on_iteration_end(self, self.epoch, int(it), value)
+            if self.progress is not None and self.is_main:
+                self.progress(int(it) + 1, iterations, f"{self.name} epoch {self.epoch + 1}/{self.total_epochs} loss {value:.4f}")
+        return float(np.mean(losses))
+
+    @torch.no_grad()
+    def validate(self, p: Optional[int] = None, max_cases: Optional[int] = None) -> dict:
+        """KiTS19 kidney / tumor Dice of the network on phase ``p``'s validation volumes (sliding window
+        exactly as in inference, no test-time augmentation): per case over all its regions, then the
+        mean over cases (a case with the structure in neither truth nor prediction scores 1)."""
+        from KidneyTumorSegLib.predictor import StagePredictor
+        from KidneyTumorSegLib.sliding_window import sliding_window_inference
+
+        p = self.phase if p is None else p
+        m = self.phases[p]["manifest"]
+        values = np.asarray([LABEL_VALUES[c] for c in m["classes"]], dtype=np.uint8)
+        records = self.val_records[p]
+        if max_cases:
+            keep = sorted({r["case"] for r in records})[: int(max_cases)]
+            records = [r for r in records if r["case"] in keep]
+        self.net.eval()
+        predictor = StagePredictor([self.net], (), self.device)
+        counts: dict = {}  # case -> structure -> [intersection, predicted + true voxels]
+        try:
+            for r in records:
+                image, target = load_volume(self.folders[p], r["stem"])
+                probs = sliding_window_inference(torch.from_numpy(np.array(image)), predictor,
+                                                 tuple(reversed(m["patch_size"])), num_outputs=len(m["classes"]),
+                                                 overlap=float(m.get("overlap", 0.5)), batch_size=int(m.get("batch_size", 1)),
+                                                 pad_value=self.pad_value, device=self.device)
+                pred = values[probs.argmax(0).numpy()]
+                truth = values[np.asarray(target)]
+                for name, (a, b) in structure_masks(pred, truth, values).items():
+                    c = counts.setdefault(r["case"], {}).setdefault(name, [0, 0])
+                    c[0] += int(np.logical_and(a, b).sum())
+                    c[1] += int(a.sum()) + int(b.sum())
+        finally:
+            self.net.train()
+        scores: dict = {}
+        for per_case in counts.values():
+            for name, (inter, total) in per_case.items():
+                scores.setdefault(name, []).append(1.0 if total == 0 else 2.0 * inter / total)
+        return {k: float(np.mean(v)) for k, v in scores.items()}
+
+    def _keep_top(self, record: dict) -> None:
+        top_dir = self.out / TOP_DIR
+        top_dir.mkdir(parents=True, exist_ok=True)
+        entry = {"epoch": record["epoch"], "val_score": record["val_score"], "file": f"{TOP_DIR}/epoch_{record['epoch']:04d}.pt"}
+        candidates = sorted(self.top + [entry], key=lambda e: (-e["val_score"], e["epoch"]))[: self.keep_top_k]
+        if entry in candidates:
+            torch.save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, self.out / entry["file"])
+        for old in self.top:
+            if old not in candidates:
+                (self.out / old["file"]).unlink(missing_ok=True)
+        self.top = candidates
