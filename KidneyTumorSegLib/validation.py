@@ -180,7 +180,7 @@ def estimate_memory_bytes(image: sitk.Image) -> int:
 
 def _read_int(path: Path) -> int | None:
     try:
-        text = path.read_text().strip()
+        text = path.read_text(encoding="utf-8").strip()
     except OSError:
         return None
     return int(text) if text.isdigit() else None
@@ -188,7 +188,7 @@ def _read_int(path: Path) -> int | None:
 
 def _read_stat(path: Path, key: str) -> int:
     try:
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8").splitlines():
             name, _, value = line.partition(" ")
             if name == key and value.strip().isdigit():
                 return int(value)

@@ -63,6 +63,7 @@ def test_gradients_reach_every_parameter(name, norm):
 
 
 def test_vbnet_all_bottleneck_gradients():
+    torch.manual_seed(0)  # a random init can leave a ReLU dead on these tiny maps
     model = small("vbnet", bottleneck_from_level=0).train()
     model(torch.randn(2, 1, 16, 16, 16)).square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

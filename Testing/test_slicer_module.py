@@ -355,7 +355,7 @@ def test_terminology_entries_use_slicers_codes():
     assert (cyst["type"], cyst["region"]) == ("SCT^367643001^Cyst", "SCT^64033007^Kidney")
     assert terminology.KIDNEY_SEGMENT.color == pytest.approx((185 / 255, 102 / 255, 83 / 255))
     if SLICER_API_DOC.is_file():  # the project's API reference lists the same codes
-        text = SLICER_API_DOC.read_text()
+        text = SLICER_API_DOC.read_text(encoding="utf-8")
         for code in ("SCT^64033007^Kidney", "SCT^123037004^Anatomical Structure", "SCT^4147007^Mass",
                      "SCT^49755003^Morphologically Altered Structure", "SCT^367643001^Cyst"):
             assert code.split("^")[1] in text
@@ -451,14 +451,14 @@ def test_segment_end_to_end(logic, scene):
     node = logic.segment(volume, model="fake-phantom", device="cpu", progressCallback=lambda f, m: progress.append((f, m)))
 
     # The library got the command line of the contract and an input in LPS with the volume's geometry.
-    argv = json.loads((scene.record / "argv.json").read_text())
+    argv = json.loads((scene.record / "argv.json").read_text(encoding="utf-8"))
     assert argv == ["segment", argv[1], "-o", argv[3], "--device", "cpu", "--stats", argv[7], "--progress", "json",
                     "--overwrite", "--model", "fake-phantom"]
     tempDir = os.path.dirname(argv[1])
     assert os.path.dirname(tempDir) == slicer.app.temporaryPath
     assert [os.path.basename(argv[i]) for i in (1, 3, 7)] == ["input.nrrd", "labels.nii.gz", "stats.json"]
     assert all(os.path.dirname(argv[i]) == tempDir for i in (3, 7))
-    geometry = json.loads((scene.record / "input_geometry.json").read_text())
+    geometry = json.loads((scene.record / "input_geometry.json").read_text(encoding="utf-8"))
     size, spacing, origin, direction = segments.volumeGeometryLPS(volume)
     assert tuple(geometry["size"]) == size
     assert geometry["origin"] == pytest.approx([-12.5, 30.0, 101.0])
@@ -525,7 +525,7 @@ def test_cancel_mid_run_kills_the_process_tree_and_leaves_nothing(logic, scene, 
     assert os.path.isfile(os.path.join(tempDir, "input.nrrd"))
     pidsFile = scene.record / "pids.json"
     waitFor(lambda: run.poll() or ("fine stage: kidney 1/2" in messages and pidsFile.exists()))
-    pids = json.loads(pidsFile.read_text())
+    pids = json.loads(pidsFile.read_text(encoding="utf-8"))
     assert all(pidAlive(pid) for pid in pids)
     started = time.monotonic()
     run.cancel()
@@ -616,7 +616,7 @@ def test_torch_installed_with_pip_keeping_slicers_packages(logic, scene, monkeyp
 
     def fakePip(requirements):
         assert requirements[:2] == ["torch>=2.1,<3", "--constraint"]
-        pins = Path(requirements[2]).read_text().split()
+        pins = Path(requirements[2]).read_text(encoding="utf-8").split()
         import numpy
         assert f"numpy=={numpy.__version__}" in pins
         assert any(p.startswith("SimpleITK==") for p in pins)
@@ -701,7 +701,7 @@ def test_widget_segments_shows_results_and_opens_the_editor(logic, scene):
     assert widget._parameterNode.GetParameter("Device") == "cpu"
     runWidget(widget)
 
-    argv = json.loads((scene.record / "argv.json").read_text())
+    argv = json.loads((scene.record / "argv.json").read_text(encoding="utf-8"))
     assert argv[argv.index("--device") + 1] == "cpu" and "--tta" in argv and "fake-phantom" in argv
     node = ui.outputSegmentationSelector.currentNode()
     assert node is not None and segmentNames(node) == ["Kidney", "Tumor", "Cyst"]
@@ -785,7 +785,7 @@ def test_widget_offers_cpu_after_gpu_out_of_memory(logic, scene, monkeypatch):
     assert slicer._shim.dialogs[-1][0] == "confirmYesNo" and "out of GPU memory" in slicer._shim.dialogs[-1][1]
     # The retry is a second run, on the CPU; it also fails here (same fake), then no further question.
     waitFor(lambda: widget._run.finished)
-    argv = json.loads((scene.record / "argv.json").read_text())
+    argv = json.loads((scene.record / "argv.json").read_text(encoding="utf-8"))
     assert argv[argv.index("--device") + 1] == "cpu"
     assert widget.ui.statusLabel.text.startswith("Segmentation failed: CUDA out of memory")
     assert len(slicer._shim.dialogs) == 1
@@ -801,7 +801,7 @@ def test_widget_non_ct_volume_needs_confirmation_then_forces(logic, scene):
     assert "does not look like a CT" in slicer._shim.dialogs[-1][1] and widget._run is None
     slicer._shim.answers = [True]
     runWidget(widget)
-    assert "--force" in json.loads((scene.record / "argv.json").read_text())
+    assert "--force" in json.loads((scene.record / "argv.json").read_text(encoding="utf-8"))
     widget.cleanup()
 
 
@@ -875,7 +875,7 @@ def test_batch_mode_segments_a_folder(logic, scene, tmp_path):
     code = batch.main(["--input", str(inputs), "--output", str(outputs), "--no-cyst-segment"], logic=logic,
                       log=lines.append)
     assert code == 1  # the broken file and the DICOM folder (no DICOM module outside Slicer) failed
-    rows = (outputs / "measurements.csv").read_text().splitlines()
+    rows = (outputs / "measurements.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0].split(",") == list(results.CSV_COLUMNS)
     byCase = {r.split(",")[0]: r.split(",") for r in rows[1:]}
     assert byCase["case_a"][1] == "ok" and byCase["case_a"][-1] == "case_a.seg.nrrd"
@@ -926,7 +926,7 @@ def test_ui_file_is_designer_xml_with_real_classes_and_all_used_names():
     assert {c for c in names.values() if not c.startswith("Q")} <= custom
     for layout in root.iter("layout"):
         assert layout.get("class") in {"QVBoxLayout", "QHBoxLayout", "QFormLayout", "QGridLayout"}
-    source = (MODULE_DIR / "KidneyTumorSeg.py").read_text()
+    source = (MODULE_DIR / "KidneyTumorSeg.py").read_text(encoding="utf-8")
     used = set(re.findall(r"self\.ui\.(\w+)", source))
     assert used and used <= set(names), used - set(names)
     # The stand-in builds the .ui and rejects properties Qt does not have.
@@ -937,7 +937,7 @@ def test_ui_file_is_designer_xml_with_real_classes_and_all_used_names():
 def _moduleSources():
     files = [MODULE_DIR / "KidneyTumorSeg.py", MODULE_DIR / "Scripts" / "batch_segment.py"]
     files += sorted(HELPERS_DIR.glob("*.py"))
-    return {f: ast.parse(f.read_text()) for f in files}
+    return {f: ast.parse(f.read_text(encoding="utf-8")) for f in files}
 
 
 def _attributeChain(node):
@@ -1030,7 +1030,7 @@ def test_module_uses_only_real_slicer_qt_and_vtk_names():
 
 def test_helpers_without_slicer_imports_stay_plain_python():
     for name in ("process.py", "terminology.py", "results.py"):
-        tree = ast.parse((HELPERS_DIR / name).read_text())
+        tree = ast.parse((HELPERS_DIR / name).read_text(encoding="utf-8"))
         imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                     for alias in node.names}
         imported |= {node.module.split(".")[0] for node in ast.walk(tree)
@@ -1039,19 +1039,19 @@ def test_helpers_without_slicer_imports_stay_plain_python():
 
 
 def test_cmake_lists_every_module_file_and_the_library():
-    cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     for path in sorted(HELPERS_DIR.glob("*.py")) + [MODULE_DIR / "Scripts" / "batch_segment.py"]:
         assert str(path.relative_to(MODULE_DIR)).replace(os.sep, "/") in cmake, path.name
     for resource in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
         assert resource in cmake
     assert "../KidneyTumorSegLib" in cmake and "GLOB_RECURSE" in cmake
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cmake
-    top = (REPO / "CMakeLists.txt").read_text()
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     for needed in ('set(EXTENSION_CATEGORY "Segmentation")', 'set(EXTENSION_DEPENDS "PyTorch")',
                    "find_package(Slicer REQUIRED)", "add_subdirectory(KidneyTumorSeg)",
                    "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
         assert needed in top
-    entry = json.loads((REPO / "KidneyTumorSeg.json").read_text())
+    entry = json.loads((REPO / "KidneyTumorSeg.json").read_text(encoding="utf-8"))
     assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"]
     assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
     assert set(entry) <= {"$schema", "build_dependencies", "build_subdirectory", "category", "scm_revision",
@@ -1111,7 +1111,7 @@ def test_closing_the_scene_during_a_run_cancels_it(logic, scene, monkeypatch):
     widget.ui.applyButton.click()
     pidsFile = scene.record / "pids.json"
     waitFor(lambda: pidsFile.exists())
-    pids = json.loads(pidsFile.read_text())
+    pids = json.loads(pidsFile.read_text(encoding="utf-8"))
     run = widget._run
     slicer.mrmlScene.Clear()
     assert run.state == "cancelled"
