@@ -10,7 +10,11 @@ Rules from the seed methods, each switchable in :class:`PostprocessingConfig`:
 2. drop detached lesions: tumor/cyst regions that touch no kidney voxel are false positives.
 3. intensity rule ("Two-phase framework", 5.2): tumor regions whose mean CT value is below
    ``cyst_threshold_hu`` (~10 HU; cysts average ~0 HU, tumors > 20 HU) are relabelled.
-4. fill holes: cavities fully enclosed by the kidney mask become kidney (the morphological
+4. small lesions: tumor/cyst components under ``min_lesion_volume_ml`` go to the class around
+   them, kidney (seed 004, 2.3: "a threshold to determine if the voxels of a predicted connected
+   component should be assigned to the closest category"); ``largest_tumor_only`` keeps the
+   largest tumor component only, the others become kidney (seed 001's "largest component").
+5. fill holes: cavities fully enclosed by the kidney mask become kidney (the morphological
    refinement of seed 004, 2.3, which leaves its exact operations open).
 
 Connectivity: every connected component here uses full (26-) connectivity. Holes are the
@@ -55,6 +59,10 @@ class PostprocessingConfig:
     cyst_threshold_hu: float = 10.0
     #: "kidney" (KiTS19 counts cysts as kidney), "cyst" or "background"
     cyst_relabel_to: str = "kidney"
+    #: tumor/cyst components smaller than this (mL) become kidney; 0 switches the rule off
+    min_lesion_volume_ml: float = 0.0
+    #: keep only the largest tumor component; the others become kidney
+    largest_tumor_only: bool = False
     #: 3D cavities enclosed by ``label > 0`` become kidney
     fill_holes: bool = True
 
@@ -106,7 +114,7 @@ def _checked_value(name: str, value: Any) -> Any:
             f"valid keys are {_valid_keys()}"
         )
 
-    if name in ("keep_largest_kidneys", "drop_detached_lesions", "cyst_intensity_rule", "fill_holes"):
+    if name in ("keep_largest_kidneys", "drop_detached_lesions", "cyst_intensity_rule", "fill_holes", "largest_tumor_only"):
         if not isinstance(value, bool):
             raise fail("true or false")
         return value
@@ -114,9 +122,11 @@ def _checked_value(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise fail("an integer >= 1")
         return value
-    if name in ("min_component_fraction", "cyst_threshold_hu"):
+    if name in ("min_component_fraction", "cyst_threshold_hu", "min_lesion_volume_ml"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise fail("a finite number")
+        if name == "min_lesion_volume_ml" and value < 0:
+            raise fail("a number >= 0")
         if name == "min_component_fraction" and not 0.0 <= value <= 1.0:
             raise fail("a number in [0, 1]")
         return float(value)
@@ -137,7 +147,7 @@ def postprocess(
     the intensity rule and may be None when that rule is off.
     Returns a new uint8 image with the geometry of ``labels``; the inputs are not modified.
     Steps, in order: keep largest kidney components -> drop detached lesions -> intensity
-    rule -> fill holes.
+    rule -> small lesions / largest tumor only -> fill holes.
     """
     _check_labels(labels)
     if config.cyst_intensity_rule:
@@ -167,6 +177,8 @@ def postprocess(
     if config.cyst_intensity_rule:
         hu = sitk.GetArrayViewFromImage(image)[box]
         _relabel_low_intensity_tumors(crop, hu, voxel_mm3, config)
+    if config.min_lesion_volume_ml > 0 or config.largest_tumor_only:
+        _lesion_component_rules(crop, voxel_mm3, config)
     if config.fill_holes:
         _fill_holes(crop)
 
@@ -287,6 +299,23 @@ def _relabel_low_intensity_tumors(
             int(low.sum()), counts[low].sum() * voxel_mm3, config.cyst_threshold_hu, config.cyst_relabel_to,
         )
         crop[low[cc]] = _RELABEL_TARGETS[config.cyst_relabel_to]
+
+
+def _lesion_component_rules(crop: np.ndarray, voxel_mm3: float, config: PostprocessingConfig) -> None:
+    for label in (TUMOR, CYST):
+        mask = crop == label
+        if not mask.any():
+            continue
+        cc = _components(mask)
+        volumes_ml = np.bincount(cc[mask]).astype(float) * voxel_mm3 / 1000.0
+        to_kidney = np.zeros(volumes_ml.size, dtype=bool)
+        if config.min_lesion_volume_ml > 0:
+            to_kidney[1:] = volumes_ml[1:] < config.min_lesion_volume_ml
+        if label == TUMOR and config.largest_tumor_only and volumes_ml.size > 2:
+            to_kidney[1:] |= np.arange(1, volumes_ml.size) != int(np.argmax(volumes_ml[1:])) + 1
+        if to_kidney.any():
+            logger.debug("relabelling %d small/extra lesion component(s) of label %d as kidney", int(to_kidney.sum()), label)
+            crop[to_kidney[cc] & mask] = KIDNEY
 
 
 def _fill_holes(crop: np.ndarray) -> None:

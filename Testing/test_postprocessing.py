@@ -270,7 +270,7 @@ def test_config_round_trip_and_defaults():
     assert PostprocessingConfig.from_dict({}) == PostprocessingConfig()
     assert set(d) == {
         "keep_largest_kidneys", "max_kidney_components", "min_component_fraction", "drop_detached_lesions",
-        "cyst_intensity_rule", "cyst_threshold_hu", "cyst_relabel_to", "fill_holes",
+        "cyst_intensity_rule", "cyst_threshold_hu", "cyst_relabel_to", "min_lesion_volume_ml", "largest_tumor_only", "fill_holes",
     }
 
 
@@ -301,3 +301,27 @@ def test_config_errors_name_key_valid_keys_and_value(bad, key):
 def test_config_from_non_dict_rejected():
     with pytest.raises(ValueError, match="must be a dict"):
         PostprocessingConfig.from_dict([("fill_holes", True)])
+
+
+def _two_tumor_kidney():
+    arr = np.zeros((20, 20, 20), np.uint8)
+    arr[2:18, 2:18, 2:18] = 1
+    arr[4:10, 4:10, 4:10] = 2          # 216 voxels
+    arr[13:15, 13:15, 13:15] = 2       # 8 voxels
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((2.0, 2.0, 2.0))    # 8 mm^3 per voxel
+    return arr, img
+
+
+def test_small_lesions_go_to_kidney_and_largest_tumor_only():
+    arr, img = _two_tumor_kidney()
+    base = dict(keep_largest_kidneys=False, drop_detached_lesions=False, fill_holes=False)
+    # 8 voxels * 8 mm^3 = 0.064 mL < 0.1 mL; 216 * 8 = 1.728 mL kept
+    out = sitk.GetArrayFromImage(postprocess(img, None, PostprocessingConfig(min_lesion_volume_ml=0.1, **base)))
+    assert (out[13:15, 13:15, 13:15] == 1).all() and (out[4:10, 4:10, 4:10] == 2).all()
+    out = sitk.GetArrayFromImage(postprocess(img, None, PostprocessingConfig(largest_tumor_only=True, **base)))
+    assert (out == 2).sum() == 216 and (out[13:15, 13:15, 13:15] == 1).all()
+    out = sitk.GetArrayFromImage(postprocess(img, None, PostprocessingConfig(**base)))
+    np.testing.assert_array_equal(out, arr)
+    with pytest.raises(ValueError, match="min_lesion_volume_ml"):
+        PostprocessingConfig.from_dict({"min_lesion_volume_ml": -1})
