@@ -62,17 +62,20 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
 
 def count_flops(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
     """Floating point operations of one forward pass on a zero tensor of ``input_shape``
-    (``[B, C, *spatial]``), counted with ``torch.utils.flop_counter`` (a multiply-add = 2 FLOPs)."""
+    (``[B, C, *spatial]``), counted with ``torch.utils.flop_counter`` (a multiply-add = 2 FLOPs).
+    Build the model under ``torch.device("meta")`` to count without computing or allocating."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    # The input follows the model: on the "meta" device the count is instant and allocates nothing.
+    device = next(model.parameters(), torch.empty(0)).device
     was_training = model.training
     model.eval()
     try:
         # The counter has no formula for the CPU flash-attention kernel (it would count 0):
         # force the plain-math attention, whose matmuls it counts.
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(input_shape))
+            model(torch.zeros(input_shape, device=device))
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())

@@ -7,6 +7,8 @@ sizes, strides and dilations given as tuples are in tensor spatial order.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -240,7 +242,10 @@ class ChannelAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        # autocast exists for real devices only (not for "meta", used to count FLOPs)
+        no_autocast = (torch.autocast(device_type=x.device.type, enabled=False)
+                       if x.device.type in ("cpu", "cuda", "mps") else contextlib.nullcontext())
+        with no_autocast:
             flat = x.float().flatten(2)  # [B, C, N]
             energy = torch.bmm(flat, flat.transpose(1, 2))
             energy = energy.amax(dim=-1, keepdim=True) - energy
