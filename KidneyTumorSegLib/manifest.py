@@ -23,6 +23,10 @@ the previous result's ``labels``, grown by ``margin_mm``, at most ``max_componen
 components under ``min_volume_ml`` ignored, overlapping boxes merged); ``fixed_box`` (a
 box of ``size_mm`` centred on the previous result's foreground).
 
+Windows: ``overlap`` (0.5 = half a patch) with Gaussian blending, or, with ``window_margin``
+(voxels per side, (x, y, z)), only each window's core is kept (the ResUNet paper's central 32
+of 64 slices; Daza's discarded outer voxels).
+
 Extra inputs: ``prior_from`` names an earlier *localize* stage whose class probabilities
 are added as input channels (a cascade); ``mask_labels`` multiplies the image by the
 previous result's mask of those labels (HU set to ``mask_fill_hu`` outside, after dilating
@@ -196,11 +200,12 @@ class StageSpec:
     inputs: StageInputs = StageInputs()
     resample_back: str = "probabilities"
     tta_mirror_axes: tuple = (0, 1, 2)
+    window_margin: tuple = (0, 0, 0)
 
     @classmethod
     def from_dict(cls, d: Mapping, where: str) -> "StageSpec":
         _check_keys(where, d, {"name", "role", "classes", "network", "weights", "spacing_mm", "normalization", "patch_size"},
-                    {"overlap", "batch_size", "region", "inputs", "resample_back", "tta_mirror_axes"})
+                    {"overlap", "batch_size", "region", "inputs", "resample_back", "tta_mirror_axes", "window_margin"})
         role = d["role"]
         if role not in ROLES:
             raise ValueError(f"{where}.role must be one of {ROLES}, got {role!r}")
@@ -222,6 +227,10 @@ class StageSpec:
         axes = tuple(d.get("tta_mirror_axes", (0, 1, 2)))
         if any(a not in (0, 1, 2) for a in axes):
             raise ValueError(f"{where}.tta_mirror_axes must list axes among 0, 1, 2 (x, y, z), got {list(axes)}")
+        margin = d.get("window_margin", [0, 0, 0])
+        if (not isinstance(margin, (list, tuple)) or len(margin) != 3
+                or any(not isinstance(m, int) or isinstance(m, bool) or m < 0 or 2 * m >= p for m, p in zip(margin, patch))):
+            raise ValueError(f"{where}.window_margin must be 3 integers (x, y, z) with 0 <= 2 * margin < patch_size, got {margin!r}")
         try:
             norm = IntensityNormalization.from_dict(d["normalization"])
         except (ValueError, TypeError) as exc:
@@ -235,7 +244,7 @@ class StageSpec:
             batch_size=_positive_int(f"{where}.batch_size", d.get("batch_size", 1)),
             region=RegionSpec.from_dict(d.get("region", {"kind": "whole"}), f"{where}.region"),
             inputs=StageInputs.from_dict(d.get("inputs", {}), f"{where}.inputs"),
-            resample_back=back, tta_mirror_axes=axes,
+            resample_back=back, tta_mirror_axes=axes, window_margin=tuple(margin),
         )
 
     def to_dict(self) -> dict:
@@ -247,6 +256,7 @@ class StageSpec:
             "patch_size": list(self.patch_size), "overlap": self.overlap, "batch_size": self.batch_size,
             "region": self.region.to_dict(), "inputs": self.inputs.to_dict(),
             "resample_back": self.resample_back, "tta_mirror_axes": list(self.tta_mirror_axes),
+            "window_margin": list(self.window_margin),
         }
 
 

@@ -165,7 +165,8 @@ class Segmenter:
         patch = tuple(reversed(stage.patch_size))  # (x, y, z) -> tensor (D, H, W)
         probs = sliding_window_inference(
             torch.from_numpy(channels), predictor, patch, num_outputs=len(stage.classes), overlap=stage.overlap,
-            batch_size=stage.batch_size, pad_value=float(stage.normalization.normalized_value(AIR_HU)),
+            batch_size=stage.batch_size, margin=tuple(reversed(stage.window_margin)),
+            pad_value=float(stage.normalization.normalized_value(AIR_HU)),
             device=self.device, progress=lambda f: span(f), cancel=cancel)
         return probs.numpy()
 

@@ -89,6 +89,7 @@ def sliding_window_inference(
     overlap: float = 0.5,
     batch_size: int = 1,
     weighting: str = "gaussian",
+    margin: Optional[Sequence[int]] = None,
     pad_value: float = 0.0,
     device: torch.device | str = "cpu",
     stitch_device: Optional[torch.device | str] = None,
@@ -103,6 +104,10 @@ def sliding_window_inference(
         patch_size: window size in the spatial dims of ``inputs``.
         overlap: fraction of a window shared with its neighbour (0 <= overlap < 1); 0.5 = half a patch.
         weighting: ``"gaussian"`` (importance map) or ``"constant"`` (plain average).
+        margin: voxels per spatial dim to discard at each side of a window (its outputs
+            are not used, except where the window touches the volume's border), e.g. the
+            ResUNet paper's "keep the central 32 of 64 slices"; the kept cores are averaged
+            with constant weights. Needs overlap >= 2 * margin / patch so the cores tile.
         pad_value: value used to pad a volume smaller than a window (e.g. normalised air).
         device: where windows are computed; ``stitch_device``: where outputs accumulate
             (default: ``device`` when the output is below 1 GiB, else the CPU).
@@ -138,7 +143,13 @@ def sliding_window_inference(
         stitch_device = device if (device.type == "cpu" or out_bytes < 2**30) else torch.device("cpu")
     stitch_device = torch.device(stitch_device)
 
-    weights = gaussian_weights(patch) if weighting == "gaussian" else torch.ones(patch)
+    margin = tuple(int(m) for m in margin) if margin is not None else (0,) * len(patch)
+    if len(margin) != len(patch) or any(m < 0 or 2 * m >= p for m, p in zip(margin, patch)):
+        raise ValueError(f"margin {margin} must give each of the {len(patch)} dims a core: 0 <= 2 * margin < patch {patch}")
+    if any(margin) and any(p - max(1, int(p * (1.0 - overlap))) < 2 * m for m, p in zip(margin, patch)):
+        raise ValueError(f"overlap {overlap} is too small for margin {margin} on patch {patch}: "
+                         f"the windows' cores would leave gaps (need overlap >= 2 * margin / patch)")
+    weights = gaussian_weights(patch) if weighting == "gaussian" and not any(margin) else torch.ones(patch)
     weights = weights.to(stitch_device)
     accumulated = torch.zeros((num_outputs, *padded), dtype=torch.float32, device=stitch_device)
     weight_sum = torch.zeros(padded, dtype=torch.float32, device=stitch_device)
@@ -159,8 +170,9 @@ def sliding_window_inference(
         if tuple(out.shape[1:]) != (num_outputs, *patch):
             raise ValueError(f"predictor returned shape {tuple(out.shape)}, expected [B, {num_outputs}, {', '.join(map(str, patch))}]")
         for k, w in enumerate(chunk):
-            accumulated[(slice(None),) + w] += out[k] * weights
-            weight_sum[w] += weights
+            wk = weights if not any(margin) else _core_weights(w, margin, padded, stitch_device)
+            accumulated[(slice(None),) + w] += out[k] * wk
+            weight_sum[w] += wk
         done += len(chunk)
         if progress is not None:
             progress(done / len(windows))
@@ -168,3 +180,19 @@ def sliding_window_inference(
     crop = tuple(slice(b, b + s) for b, s in zip(pad_before, spatial))
     return accumulated[(slice(None),) + crop].cpu()
 
+
+def _core_weights(window, margin, volume_shape, device) -> torch.Tensor:
+    """1 on the window's core (``margin`` voxels off each side), extended to the volume's border
+    where the window touches it; 0 elsewhere."""
+    masks = []
+    for sl, m, size in zip(window, margin, volume_shape):
+        length = sl.stop - sl.start
+        mask = torch.zeros(length, device=device)
+        lo = 0 if sl.start == 0 else m
+        hi = length if sl.stop == size else length - m
+        mask[lo:hi] = 1.0
+        masks.append(mask)
+    weights = masks[0]
+    for mask in masks[1:]:
+        weights = weights[..., None] * mask
+    return weights

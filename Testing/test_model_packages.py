@@ -65,6 +65,7 @@ def test_newer_schema_version_asks_for_an_upgrade(tmp_path):
     (lambda d: d["postprocessing"].update(fill_hole=True), r"postprocessing: .*fill_hole"),
     (lambda d: d["stages"][1].setdefault("inputs", {}).update(prior_from="fine"), r"prior_from must name an earlier localize"),
     (lambda d: d["stages"][0]["network"].update(name="vbnett"), r"unknown network 'vbnett'.*Did you mean 'vbnet'"),
+    (lambda d: d["stages"][1].update(window_margin=[0, 0, 16]), r"window_margin must be 3 integers"),
 ])
 def test_invalid_manifests_are_refused_with_the_reason(tmp_path, change, message):
     pkg = save_test_package(tmp_path / "pkg", classifier_manifest())

@@ -117,3 +117,27 @@ def test_oom_fallback_halves_batch_then_moves_to_cpu(caplog):
     torch.testing.assert_close(out, 3 * x)
     assert pred.device == torch.device("cpu")
     assert "batch size 2" in caplog.text and "batch size 1" in caplog.text and "CPU" in caplog.text
+
+
+def test_margin_keeps_only_window_cores():
+    # Each window answers with the local index of each voxel inside it. With margin 4 on
+    # 16-voxel windows at stride 8 the cores [4, 12) tile the volume exactly, so every voxel
+    # must come from the one window whose core holds it (or the border window).
+    length, patch, margin = 64, 16, 4
+    starts = window_starts(length, patch, 0.5)
+    assert starts == [0, 8, 16, 24, 32, 40, 48]
+    out = sliding_window_inference(torch.zeros(1, length), lambda b: torch.arange(patch, dtype=torch.float32).expand(b.shape[0], 1, patch),
+                                   (patch,), 1, overlap=0.5, margin=(margin,))
+    expected = []
+    for v in range(length):
+        s = next(s for s in starts if (s == 0 or s + margin <= v) and (v < s + patch - margin or s + patch == length))
+        expected.append(v - s)
+    torch.testing.assert_close(out[0], torch.tensor(expected, dtype=torch.float32))
+
+    # ResUNet-style: 64-slice windows at stride 32 keep their central 32 slices
+    assert window_starts(128, 64, 0.5) == [0, 32, 64]
+    out = sliding_window_inference(torch.zeros(1, 128, 4, 4), lambda b: torch.ones(b.shape[0], 1, *b.shape[2:]),
+                                   (64, 4, 4), 1, overlap=0.5, margin=(16, 0, 0))
+    torch.testing.assert_close(out, torch.ones(1, 128, 4, 4))
+    with pytest.raises(ValueError, match="too small for margin"):
+        sliding_window_inference(torch.zeros(1, 128), lambda b: b, (64,), 1, overlap=0.25, margin=(16,))
