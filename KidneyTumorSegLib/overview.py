@@ -82,6 +82,7 @@ def write_overview_png(ct: sitk.Image, labels: sitk.Image, path: Path, truth: Op
         rows.append(np.concatenate(padded, axis=1))
     width = max(r.shape[1] for r in rows)
     picture = np.concatenate([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows], axis=0)
+    picture = picture.repeat(2, axis=0).repeat(2, axis=1)  # 0.5 mm display pixels: outlines readable
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
