@@ -64,10 +64,10 @@ def write_overview_png(ct: sitk.Image, labels: sitk.Image, path: Path, truth: Op
                        half_mm: float = 80.0) -> Path:
     """Write ``path`` (PNG): one row per kidney component (up to two; the volume centre if none),
     axial and coronal panels side by side. ``ct`` in HU, ``labels`` (and ``truth``) on any grid."""
-    from .pipeline import component_boxes, _label_mask
+    from .pipeline import component_boxes, label_mask
 
     canonical, _, _ = geo.canonical_axes(ct.GetDirection())
-    boxes = component_boxes(_label_mask(labels, ("kidney", "tumor", "cyst")), 0.0, 2)
+    boxes = component_boxes(label_mask(labels, ("kidney", "tumor", "cyst")), 0.0, 2)
     centres = sorted((np.asarray(b.center) for b in boxes), key=lambda c: c[0]) or [np.asarray(geo.image_box(ct).center)]
     rows = []
     for centre in centres:

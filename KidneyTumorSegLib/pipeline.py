@@ -54,7 +54,10 @@ class SegmentationResult:
 
 
 @dataclass
-class _StageOutput:
+class StageOutput:
+    """A stage's result as later stages see it: its label map on the grid it was computed on
+    (training passes the truth here), and a localize stage's class probabilities (a vector image)."""
+
     labels: sitk.Image          # label values (0..3) on the grid they were computed on
     probabilities: Optional[sitk.Image] = None   # vector image of class probabilities (localize stages only)
 
@@ -95,8 +98,8 @@ class Segmenter:
         timings, notes = {}, []
         start_all = time.perf_counter()
         out = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint8)
-        previous: Optional[_StageOutput] = None
-        outputs: dict[str, _StageOutput] = {}
+        previous: Optional[StageOutput] = None
+        outputs: dict[str, StageOutput] = {}
         shares = self._progress_shares()
         position = 0.0
         for stage, share in zip(self.manifest.stages, shares):
@@ -130,17 +133,17 @@ class Segmenter:
         return [w / total for w in weights]
 
     # -- one stage -------------------------------------------------------------------------
-    def _run_stage(self, stage, image, out, previous, outputs, span, cancel, notes) -> _StageOutput:
+    def _run_stage(self, stage, image, out, previous, outputs, span, cancel, notes) -> StageOutput:
         spacing = geo.stage_spacing(image, stage.spacing_mm)
         boxes = stage_regions(stage, image, previous, spacing)
         if not boxes:
             notes.append(f"stage {stage.name!r}: nothing to refine (no kidney found by the previous stage)")
             logger.info("stage %s: no region to run on", stage.name)
-            return previous if previous is not None else _StageOutput(_empty_labels_like(image))
+            return previous if previous is not None else StageOutput(_empty_labels_like(image))
         predictor = self._predictor(stage)
         source = geo.shrink_for_spacing(image, spacing)
         canonical, _, _ = geo.canonical_axes(image.GetDirection())
-        result: Optional[_StageOutput] = None
+        result: Optional[StageOutput] = None
         for i, box in enumerate(boxes):
             check_cancel(cancel)
             region_span = ProgressSpan(span, i / len(boxes), (i + 1) / len(boxes),
@@ -149,12 +152,12 @@ class Segmenter:
             channels = stage_input_channels(stage, self.manifest, source, grid, previous, outputs)
             probs = self._predict(stage, predictor, channels, region_span, cancel)
             if stage.role == "localize":
-                result = _StageOutput(_argmax_labels(probs, stage, grid),
+                result = StageOutput(_argmax_labels(probs, stage, grid),
                                       geo.array_to_image(np.moveaxis(probs, 0, -1), grid, is_vector=True))
             else:
                 write_back(stage, probs, grid, box, image, out)
         if result is None:
-            result = _StageOutput(_labels_view(out, image))
+            result = StageOutput(_labels_view(out, image))
         return result
 
     def _predict(self, stage, predictor, channels: np.ndarray, span, cancel) -> np.ndarray:
@@ -172,7 +175,7 @@ class Segmenter:
 
 
 # -- regions ---------------------------------------------------------------------------------
-def stage_regions(stage: StageSpec, image: sitk.Image, previous: Optional[_StageOutput], spacing) -> list[geo.Box]:
+def stage_regions(stage: StageSpec, image: sitk.Image, previous: Optional[StageOutput], spacing) -> list[geo.Box]:
     """Boxes (canonical frame, mm) the stage runs on, clipped to the image and merged when they overlap.
 
     Every box is at least one patch wide (``patch_size * spacing``) where the image allows,
@@ -182,7 +185,7 @@ def stage_regions(stage: StageSpec, image: sitk.Image, previous: Optional[_Stage
     region = stage.region
     if region.kind == "whole":
         return [full]
-    mask = _label_mask(previous.labels, region.labels)
+    mask = label_mask(previous.labels, region.labels)
     patch_mm = np.asarray(stage.patch_size, dtype=float) * np.asarray(spacing)
     if region.kind == "components":
         boxes = [b.expanded(region.margin_mm) for b in component_boxes(mask, region.min_volume_ml, region.max_components)]
@@ -270,7 +273,8 @@ def _foreground_box(mask: sitk.Image) -> Optional[geo.Box]:
     return geo.index_box_to_box(mask, lower, upper)
 
 
-def _label_mask(labels: sitk.Image, names) -> sitk.Image:
+def label_mask(labels: sitk.Image, names) -> sitk.Image:
+    """uint8 mask (same grid) of the voxels of ``labels`` holding any of the label ``names``."""
     arr = sitk.GetArrayViewFromImage(labels)
     mask = sitk.GetImageFromArray(np.isin(arr, [LABEL_VALUES[n] for n in names]).astype(np.uint8))
     mask.CopyInformation(labels)
@@ -279,7 +283,7 @@ def _label_mask(labels: sitk.Image, names) -> sitk.Image:
 
 # -- inputs ----------------------------------------------------------------------------------
 def stage_input_channels(stage: StageSpec, manifest: ModelManifest, source: sitk.Image, grid: geo.Grid,
-                         previous: Optional[_StageOutput], outputs: dict) -> np.ndarray:
+                         previous: Optional[StageOutput], outputs: dict) -> np.ndarray:
     """Network input on ``grid`` as float32 ``[C, z, y, x]``: the normalised CT (k shifted copies
     for 2.5D), then a localize stage's probabilities when the stage is a cascade.
 
@@ -288,7 +292,7 @@ def stage_input_channels(stage: StageSpec, manifest: ModelManifest, source: sitk
     """
     hu = sitk.GetArrayFromImage(geo.resample(source, grid, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32))
     if stage.inputs.mask_labels:
-        mask_img = _label_mask(previous.labels, stage.inputs.mask_labels)
+        mask_img = label_mask(previous.labels, stage.inputs.mask_labels)
         if stage.inputs.mask_dilate_mm > 0:
             radius = [max(1, int(round(stage.inputs.mask_dilate_mm / s))) for s in mask_img.GetSpacing()]
             mask_img = sitk.BinaryDilate(mask_img, radius, sitk.sitkBall)

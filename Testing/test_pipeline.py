@@ -17,7 +17,7 @@ from conftest import TEST_HU, classifier_manifest, ct_from_labels, dice, normali
 from KidneyTumorSegLib.errors import CancelledError
 from KidneyTumorSegLib.manifest import ModelManifest
 from KidneyTumorSegLib.networks import _REGISTRY, register
-from KidneyTumorSegLib.pipeline import Segmenter, _StageOutput, stage_input_channels
+from KidneyTumorSegLib.pipeline import Segmenter, StageOutput, stage_input_channels
 from KidneyTumorSegLib.predictor import StagePredictor
 from KidneyTumorSegLib import geometry as geo
 from Training.phantoms import procedural_labels

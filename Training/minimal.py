@@ -37,7 +37,7 @@ from KidneyTumorSegLib.labels import LABEL_VALUES
 from KidneyTumorSegLib.manifest import ModelManifest
 from KidneyTumorSegLib.models import save_package
 from KidneyTumorSegLib.networks import build_network
-from KidneyTumorSegLib.pipeline import AIR_HU, _StageOutput, stage_input_channels, stage_regions
+from KidneyTumorSegLib.pipeline import AIR_HU, StageOutput, stage_input_channels, stage_regions
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def stage_examples(manifest: ModelManifest, stage_name: str, ct: sitk.Image, lab
     """Preprocess one case for one stage exactly as inference does; regions come from the truth."""
     stage = manifest.stage(stage_name)
     spacing = geo.stage_spacing(ct, stage.spacing_mm)
-    truth = _StageOutput(labels)
+    truth = StageOutput(labels)
     boxes = stage_regions(stage, ct, None if stage.region.kind == "whole" else truth, spacing)
     canonical, _, _ = geo.canonical_axes(ct.GetDirection())
     source = geo.shrink_for_spacing(ct, spacing)

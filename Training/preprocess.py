@@ -39,7 +39,7 @@ from KidneyTumorSegLib import geometry as geo
 from KidneyTumorSegLib.errors import InputError, OutputError
 from KidneyTumorSegLib.labels import LABEL_VALUES
 from KidneyTumorSegLib.manifest import ModelManifest, StageSpec
-from KidneyTumorSegLib.pipeline import _StageOutput, stage_input_channels, stage_regions
+from KidneyTumorSegLib.pipeline import StageOutput, stage_input_channels, stage_regions
 
 from .dataset import Case, case_name, list_cases, read_case
 from .fingerprint import compute_fingerprint
@@ -93,7 +93,7 @@ def stage_volumes(stage_manifest: dict, ct: sitk.Image, labels: sitk.Image) -> l
     one per region, computed exactly as inference computes its input (regions from the truth)."""
     stage, manifest = _stage_and_manifest(stage_manifest)
     spacing = geo.stage_spacing(ct, stage.spacing_mm)
-    truth = _StageOutput(labels)
+    truth = StageOutput(labels)
     boxes = stage_regions(stage, ct, truth if stage.region.kind != "whole" else None, spacing)
     canonical, _, _ = geo.canonical_axes(ct.GetDirection())
     source = geo.shrink_for_spacing(ct, spacing)
