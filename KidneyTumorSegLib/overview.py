@@ -1,5 +1,5 @@
-"""A PNG overview a person can look at: axial and coronal slices through each kidney with the
-segmentation outlined (kidney green, tumor red, cyst blue; a second label map, e.g. the
+"""A PNG overview a person can look at: axial, coronal and sagittal slices through each kidney
+(through its largest tumor when it has one) with the segmentation outlined (kidney green, tumor red, cyst blue; a second label map, e.g. the
 truth, in yellow dashes is optional).
 
 Slices are resampled in physical space (1 mm pixels, radiological display: patient's right
@@ -26,16 +26,15 @@ def _slice(image: sitk.Image, centre_u: np.ndarray, canonical: np.ndarray, plane
            interpolator, default: float) -> np.ndarray:
     """2D array (rows, cols) of ``image`` on a 1 mm plane through ``centre_u`` (canonical frame)."""
     extent = np.array([half_mm, half_mm, half_mm])
-    if plane == "axial":
-        extent[2] = 0.5
-    else:
-        extent[1] = 0.5
+    extent[{"sagittal": 0, "coronal": 1, "axial": 2}[plane]] = 0.5
     box = geo.Box(tuple(centre_u - extent), tuple(centre_u + extent))
     grid = geo.grid_for_box(box, (1.0, 1.0, 1.0), canonical)
     arr = sitk.GetArrayFromImage(geo.resample(image, grid, interpolator, default))  # (z, y, x)
     if plane == "axial":
         return arr[0]                      # rows: anterior -> posterior, cols: right -> left
-    return arr[:, 0, :][::-1]              # rows: superior -> inferior
+    if plane == "coronal":
+        return arr[:, 0, :][::-1]          # rows: superior -> inferior, cols: right -> left
+    return arr[:, :, 0][::-1]              # sagittal - rows: superior -> inferior, cols: anterior -> posterior
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -63,16 +62,23 @@ def _panel(ct2d: np.ndarray, lab2d: np.ndarray, truth2d: Optional[np.ndarray]) -
 def write_overview_png(ct: sitk.Image, labels: sitk.Image, path: Path, truth: Optional[sitk.Image] = None,
                        half_mm: float = 80.0) -> Path:
     """Write ``path`` (PNG): one row per kidney component (up to two; the volume centre if none),
-    axial and coronal panels side by side. ``ct`` in HU, ``labels`` (and ``truth``) on any grid."""
+    axial, coronal and sagittal panels through the kidney's largest tumor (its centre if it has
+    none). ``ct`` in HU, ``labels`` (and ``truth``) on any grid; ``truth`` is drawn dashed."""
     from .pipeline import component_boxes, label_mask
 
     canonical, _, _ = geo.canonical_axes(ct.GetDirection())
-    boxes = component_boxes(label_mask(labels, ("kidney", "tumor", "cyst")), 0.0, 2)
-    centres = sorted((np.asarray(b.center) for b in boxes), key=lambda c: c[0]) or [np.asarray(geo.image_box(ct).center)]
+    kidneys = component_boxes(label_mask(labels, ("kidney", "tumor", "cyst")), 0.0, 2)
+    tumors = component_boxes(label_mask(labels, ("tumor",)), 0.0, 16)
+    centres = []
+    for kidney in sorted(kidneys, key=lambda b: b.center[0]):
+        inside = [t for t in tumors if kidney.overlaps(t)]  # biggest first
+        centres.append(np.asarray(inside[0].center if inside else kidney.center))
+    if not centres:
+        centres = [np.asarray(geo.image_box(ct).center)]
     rows = []
     for centre in centres:
         panels = []
-        for plane in ("axial", "coronal"):
+        for plane in ("axial", "coronal", "sagittal"):
             ct2d = _slice(ct, centre, canonical, plane, half_mm, sitk.sitkLinear, -1024.0)
             lab2d = _slice(labels, centre, canonical, plane, half_mm, sitk.sitkNearestNeighbor, 0)
             truth2d = None if truth is None else _slice(truth, centre, canonical, plane, half_mm, sitk.sitkNearestNeighbor, 0)
