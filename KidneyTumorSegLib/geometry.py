@@ -69,11 +69,6 @@ class Grid:
     def of(cls, image: sitk.Image) -> "Grid":
         return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
 
-    @property
-    def array_shape(self) -> tuple[int, int, int]:
-        """Shape of this grid's numpy array: (z, y, x)."""
-        return tuple(reversed(self.size))
-
     def apply_to(self, image: sitk.Image) -> sitk.Image:
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)

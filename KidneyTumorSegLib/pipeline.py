@@ -377,9 +377,3 @@ def _empty_labels_like(image: sitk.Image) -> sitk.Image:
     empty.SetDirection(image.GetDirection())
     empty.SetOrigin(image.GetOrigin())
     return empty
-
-
-def segment_image(image: sitk.Image, package: ModelPackage, device: str = "auto", tta: bool = False,
-                  progress: Optional[ProgressCallback] = None, cancel=None) -> SegmentationResult:
-    """One-shot helper: build a :class:`Segmenter` and segment ``image``."""
-    return Segmenter(package, device=device, tta=tta).segment(image, progress=progress, cancel=cancel)
