@@ -39,6 +39,8 @@ from KidneyTumorSegLib.models import save_package
 from KidneyTumorSegLib.networks import build_network
 from KidneyTumorSegLib.pipeline import AIR_HU, StageOutput, stage_input_channels, stage_regions
 
+from .losses import generalized_dice_loss
+
 logger = logging.getLogger(__name__)
 
 # Instance norm: batches of 2 random crops give batch norm poor running statistics, and per-window
@@ -145,16 +147,6 @@ def augment_intensity(batch: torch.Tensor, rng: np.random.Generator, scale_hu: f
     return out
 
 
-def generalized_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """1 - D with Mu et al.'s D = 1/C sum_c 2 sum_i p_c g_c / (sum_i p_c^2 + sum_i g_c^2), over the batch."""
-    probs = torch.softmax(logits, dim=1)
-    onehot = torch.nn.functional.one_hot(target, logits.shape[1]).permute(0, 4, 1, 2, 3).float()
-    dims = (0, 2, 3, 4)
-    inter = (probs * onehot).sum(dims)
-    denom = (probs ** 2).sum(dims) + (onehot ** 2).sum(dims)
-    return 1.0 - ((2 * inter + eps) / (denom + eps)).mean()
-
-
 def train_stage(manifest: ModelManifest, stage_name: str, examples: list[Example], iterations: int, seed: int,
                 lr: float = 1e-3, log_every: int = 50) -> dict:
     """Train one stage's network on random crops of ``examples``; returns its state dict."""
@@ -176,7 +168,7 @@ def train_stage(manifest: ModelManifest, stage_name: str, examples: list[Example
         y = torch.from_numpy(np.stack([c[1] for c in crops])).long()
         x = augment_intensity(x, rng, stage.normalization.scale)
         logits = net(x)
-        loss = torch.nn.functional.cross_entropy(logits, y) + generalized_dice_loss(logits, y)
+        loss = torch.nn.functional.cross_entropy(logits, y) + generalized_dice_loss(logits, y, include_background=True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
