@@ -67,6 +67,15 @@ _SMOKE_TRAIN = {"batch_size": 2, "patches_per_case": 1, "epochs": 2, "iterations
 _POST_TOP2 = {"keep_largest_kidneys": True, "max_kidney_components": 2, "min_component_fraction": 0.0,
               "drop_detached_lesions": False, "cyst_intensity_rule": False, "fill_holes": False}
 
+#: smoke overrides shared by the two two-stage VB-Net recipes (vbnet_multires, phantom_fast);
+#: get_recipe deep-copies, so sharing the dict is safe
+_VBNET_SMOKE = {"stages": {
+    stage: {"manifest": {"network": {"kwargs": {"features": [4, 8, 16, 32, 64], "down_blocks": [1, 1, 1, 1],
+                                                "up_blocks": [1, 1, 1, 1]}},
+                         "spacing_mm": [spacing] * 3, "patch_size": [32, 32, 32]},
+            "training": dict(_SMOKE_TRAIN, patch_size=[32, 32, 32])}
+    for stage, spacing in (("coarse", 8.0), ("fine", 4.0))}}
+
 
 RECIPES: dict[str, dict] = {}
 
@@ -236,15 +245,7 @@ _register({
         "VOI margin 20 mm around each kidney component",
         "CPU runs may coarsen the fine spacing: --set fine.manifest.spacing_mm=[2,2,2]",
     ],
-    "smoke": {"stages": {
-        "coarse": {"manifest": {"network": {"kwargs": {"features": [4, 8, 16, 32, 64], "down_blocks": [1, 1, 1, 1],
-                                                       "up_blocks": [1, 1, 1, 1]}},
-                                "spacing_mm": [8.0, 8.0, 8.0], "patch_size": [32, 32, 32]},
-                   "training": dict(_SMOKE_TRAIN, patch_size=[32, 32, 32])},
-        "fine": {"manifest": {"network": {"kwargs": {"features": [4, 8, 16, 32, 64], "down_blocks": [1, 1, 1, 1],
-                                                     "up_blocks": [1, 1, 1, 1]}},
-                              "spacing_mm": [4.0, 4.0, 4.0], "patch_size": [32, 32, 32]},
-                 "training": dict(_SMOKE_TRAIN, patch_size=[32, 32, 32])}}},
+    "smoke": _VBNET_SMOKE,
 })
 
 
@@ -394,15 +395,7 @@ _register({
     "leaves_out": ["1 mm fine spacing, 96^3 crops and full widths (CPU budget)"],
     "choices": ["CE + generalized Dice (with background), Adam 1e-3 cosine, intensity and mirror augmentation, 20 epochs x 40 "
                 "iterations per stage; data: phantoms --downsample-inplane 4 --max-slices 96"],
-    "smoke": {"stages": {
-        "coarse": {"manifest": {"network": {"kwargs": {"features": [4, 8, 16, 32, 64], "down_blocks": [1, 1, 1, 1],
-                                                       "up_blocks": [1, 1, 1, 1]}},
-                                "spacing_mm": [8.0, 8.0, 8.0], "patch_size": [32, 32, 32]},
-                   "training": dict(_SMOKE_TRAIN, patch_size=[32, 32, 32])},
-        "fine": {"manifest": {"network": {"kwargs": {"features": [4, 8, 16, 32, 64], "down_blocks": [1, 1, 1, 1],
-                                                     "up_blocks": [1, 1, 1, 1]}},
-                              "spacing_mm": [4.0, 4.0, 4.0], "patch_size": [32, 32, 32]},
-                 "training": dict(_SMOKE_TRAIN, patch_size=[32, 32, 32])}}},
+    "smoke": _VBNET_SMOKE,
 })
 
 #: the issue's name for the Daza recipe
