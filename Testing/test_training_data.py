@@ -13,7 +13,7 @@ from KidneyTumorSegLib.errors import InputError
 from Training.augmentation import Augmenter
 from Training.dataset import fold_split, list_cases, parse_case_selection
 from Training.fingerprint import compute_fingerprint
-from Training.phantom_dataset import add_cysts, reduce_grid
+from Training.phantom_dataset import add_cysts, crop_fov, reduce_grid
 from Training.preprocess import Cache, class_lookup, init_cache, preprocess, stage_volumes
 from Training.sampling import PatchSampler, crop
 from Training.schedules import EpochSchedule
@@ -96,6 +96,25 @@ def test_reduce_grid_keeps_physical_geometry_on_a_permuted_grid():
     with_cysts = add_cysts(labels, np.random.default_rng(0), 2)
     a, b = sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(with_cysts)
     assert (b == 3).any() and np.array_equal(a == 2, b == 2)
+    # thicker slices for a robustness set: 40 x 2.5 mm -> 20 x 5 mm, same slab of the body
+    thick = reduce_grid(labels, 1.0, slice_mm=5.0)
+    assert thick.GetSize() == (20, 48, 48) and thick.GetSpacing()[0] == pytest.approx(5.0)
+    assert np.allclose(geo.image_box(thick).lower, geo.image_box(labels).lower)
+    assert vol(thick) == pytest.approx(vol(labels), rel=0.15)
+    with pytest.raises(InputError):
+        reduce_grid(labels, 1.0, slice_mm=0.0)
+
+
+def test_crop_fov_keeps_the_centre_of_the_in_plane_axes_in_place():
+    labels = kits_like_labels()  # image axis 0 is the slice axis (permuted direction)
+    small = crop_fov(labels, 0.5)
+    assert small.GetSize() == (40, 24, 24) and small.GetSpacing() == labels.GetSpacing()
+    # the kept voxels are the same voxels, at the same physical places
+    centre = labels.TransformIndexToPhysicalPoint((0, 12, 12))
+    assert np.allclose(small.TransformIndexToPhysicalPoint((0, 0, 0)), centre)
+    assert np.array_equal(sitk.GetArrayViewFromImage(small), sitk.GetArrayViewFromImage(labels)[12:36, 12:36, :])
+    with pytest.raises(InputError):
+        crop_fov(labels, 1.5)
 
 
 def test_fingerprint_numbers_on_a_tiny_dataset(tmp_path):
@@ -235,6 +254,21 @@ def test_mirroring_and_intensity_augmentation():
     assert not torch.equal(xa2[:, :3], x2[:, :3])
     with pytest.raises(ValueError):
         Augmenter({"rotate": 1}, (1, 1, 1), 3, -1.0)
+
+
+def test_low_resolution_augmentation_averages_slices_and_keeps_labels():
+    # z stripes of period 2 voxels: averaging over pairs of slices along z (factor 2, z only) makes them flat
+    x = torch.zeros(1, 1, 8, 6, 6)
+    x[:, :, 0::2] = 1.0
+    y = torch.randint(0, 3, (1, 8, 6, 6))
+    aug = Augmenter({"low_resolution": {"probability": 1.0, "factor": [2.0, 2.0], "axes": [2]}}, (1, 1, 1), 3, -1.0)
+    xa, ya = aug(x, y, torch.Generator().manual_seed(0))
+    assert torch.equal(ya, y)  # labels untouched
+    assert torch.allclose(xa, torch.full_like(x, 0.5))  # slab means, interpolated back: exactly 0.5 everywhere
+    in_plane = Augmenter({"low_resolution": {"probability": 1.0, "factor": [2.0, 2.0], "axes": [0, 1]}}, (1, 1, 1), 3, -1.0)
+    assert torch.equal(in_plane(x, y, torch.Generator().manual_seed(0))[0], x)  # constant in-plane: nothing to lose
+    off = Augmenter({"low_resolution": {"probability": 0.0, "factor": [2.0, 3.0]}}, (1, 1, 1), 3, -1.0)
+    assert torch.equal(off(x, y, torch.Generator().manual_seed(0))[0], x)
 
 
 def test_schedules_follow_their_rules_and_resume_exactly():

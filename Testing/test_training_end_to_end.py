@@ -172,3 +172,29 @@ def test_ddp_smoke_step_with_two_cpu_processes_under_torchrun(prepared):
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = torch.load(out / "coarse" / CHECKPOINT, map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1 and np.isfinite(ckpt["history"][0]["train_loss"])
+
+
+def test_fine_tuning_starts_from_another_runs_weights_and_a_time_budget_stops_early(trained, prepared):
+    run_a, _ = trained
+    out = prepared / "run_init"
+    # phantom_default shares phantom_fast's networks; one epoch of the coarse stage only
+    summary = train_run("phantom_default", prepared / "cache", out, smoke=True, init_from=run_a, stages=["coarse"],
+                        max_minutes=0.0)
+    assert summary["coarse"]["epochs_done"] == 1 and not summary["coarse"]["finished"]  # budget spent after one epoch
+    run = json.loads((out / "run.json").read_text())
+    source = run["init_from"]["stages"]["coarse"]
+    assert source["file"] == str((run_a / "coarse" / "final.pt").resolve()) and len(source["sha256"]) == 64
+    # the run started from run_a's weights: one epoch later they differ from run_a's but are closer to them than
+    # a fresh network of the same seed is
+    from KidneyTumorSegLib.networks import build_network
+
+    start = torch.load(run_a / "coarse" / "final.pt", map_location="cpu", weights_only=True)
+    after = _checkpoint(out, "coarse")["model"]
+    kwargs = run["resolved"]["stages"][0]["phases"][0]["manifest"]["network"]["kwargs"]
+    fresh = build_network("vbnet", in_channels=1, num_classes=2, **kwargs).state_dict()
+    dist = lambda a, b: sum(float((a[k].float() - b[k].float()).norm()) for k in a if a[k].is_floating_point())  # noqa: E731
+    assert 0 < dist(after, start) < dist(fresh, start)
+    with pytest.raises(Exception, match="new run"):
+        train_run(None, None, out, resume=True, init_from=run_a)
+    with pytest.raises(Exception, match="not a training run"):
+        train_run("phantom_default", prepared / "cache", prepared / "run_init2", smoke=True, init_from=prepared / "data")

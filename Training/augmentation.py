@@ -20,6 +20,11 @@ Recipe keys (all optional; probabilities per sample):
   scale): ``intensity_gain`` [low, high], ``intensity_shift_hu`` (normal sd), ``noise_hu``
   [low, high] (sd of Gaussian noise), ``blur_sigma_voxels`` [low, high] with ``blur_probability``,
   ``gamma`` [low, high] with ``gamma_probability`` (on the sample's min-max range, nnU-Net style).
+* resolution: ``low_resolution`` {probability, factor [low, high], axes} simulates a coarser scan
+  (thicker slices, larger pixels): the image channels are block-averaged down by a factor drawn
+  per sample (the same on every listed axis; 0 = x, 1 = y, 2 = z, default all) and interpolated
+  back to the patch grid; labels are untouched, so the network learns to keep the anatomy it
+  knows on a blurred, partial-volumed image.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch.nn.functional as F
 
 _KEYS = {"rotation_deg", "rotation_probability", "scale", "scale_probability", "elastic", "mirror_axes",
          "mirror_probability", "intensity_gain", "intensity_shift_hu", "noise_hu", "blur_sigma_voxels",
-         "blur_probability", "gamma", "gamma_probability"}
+         "blur_probability", "gamma", "gamma_probability", "low_resolution"}
 
 
 def _rotation(angles, dims: int) -> torch.Tensor:
@@ -114,6 +119,12 @@ class Augmenter:
         gmin, gmax = s.get("gamma", [1.0, 1.0])
         gamma = gmin + (gmax - gmin) * u()
         field_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+        # drawn after every older key's numbers, so adding this key left earlier recipes' draws unchanged
+        low = s.get("low_resolution") or {}
+        if low:
+            p_low = u()
+            flo, fhi = low.get("factor", [1.0, 2.0])
+            low_factor = flo + (fhi - flo) * u()
 
         rot_on = (p_rot < float(s.get("rotation_probability", 0.0))) & bool(s.get("rotation_deg"))
         scale_on = (p_scale < float(s.get("scale_probability", 0.0))) & bool(s.get("scale"))
@@ -148,6 +159,9 @@ class Augmenter:
         if "intensity_gain" in s or "intensity_shift_hu" in s:
             view = (-1,) + (1,) * (img.dim() - 1)
             img = img * gain.to(img).view(view) + shift.to(img).view(view)
+        if low:
+            img = self._low_resolution(img, p_low < float(low.get("probability", 0.0)), low_factor,
+                                       low.get("axes", [0, 1, 2]))
         if "noise_hu" in s:
             dev_gen = torch.Generator(device=x.device).manual_seed(field_seed + 1)
             noise = torch.randn(img.shape, generator=dev_gen, device=x.device, dtype=img.dtype)
@@ -166,6 +180,27 @@ class Augmenter:
                     img[i] = ((img[i] - lo_v) / rng).clamp(0, 1) ** float(gamma[i]) * rng + lo_v
         x[:, : self.k] = img
         return x, y
+
+    def _low_resolution(self, img: torch.Tensor, on: torch.Tensor, factor: torch.Tensor, axes) -> torch.Tensor:
+        """Image channels ``[B, K, *S]`` of the samples where ``on``: area-downsampled by ``factor`` along
+        ``axes`` (x=0, y=1, z=2) and linearly interpolated back to ``S``."""
+        if not bool(on.any()):
+            return img
+        img = img.clone()
+        mode = "trilinear" if self.dims == 3 else "bilinear"
+        shape = tuple(img.shape[2:])
+        for i in torch.nonzero(on).flatten().tolist():
+            f = max(1.0, float(factor[i]))
+            small = list(shape)
+            for axis in axes:
+                dim = self.dims - 1 - int(axis)  # x is the last tensor axis
+                if 0 <= dim < self.dims:
+                    small[dim] = max(1, int(round(shape[dim] / f)))
+            if tuple(small) == shape:
+                continue
+            down = F.adaptive_avg_pool3d(img[i:i + 1], small) if self.dims == 3 else F.adaptive_avg_pool2d(img[i:i + 1], small)
+            img[i:i + 1] = F.interpolate(down, size=shape, mode=mode, align_corners=False)
+        return img
 
     def _grid(self, rotation: torch.Tensor, zoom: float, elastic, generator: torch.Generator, shape) -> torch.Tensor:
         """Sampling grid ``[*S, dims]`` (normalised coordinates in (x, y[, z]) order) for one sample of spatial ``shape``."""

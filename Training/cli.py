@@ -59,7 +59,8 @@ def cmd_phantoms(args) -> int:
 
     record = make_phantom_dataset(Path(args.labels), Path(args.out), _cases(args.cases), seed=args.seed,
                                   downsample_inplane=args.downsample_inplane, max_slices=args.max_slices, cysts=args.cysts,
-                                  intensity_shift_hu=args.intensity_shift, overwrite=args.overwrite,
+                                  intensity_shift_hu=args.intensity_shift, noise_scale=args.noise_scale,
+                                  slice_mm=args.slice_mm, fov_fraction=args.fov_fraction, overwrite=args.overwrite,
                                   progress=_Progress("phantoms", not args.quiet))
     print(json.dumps({"out": str(args.out), "cases": len(record["cases"]), "seconds": record["seconds"]}))
     return 0
@@ -108,7 +109,8 @@ def cmd_train(args) -> int:
     summaries = train_run(args.recipe, Path(args.data) if args.data else None, Path(args.out), fold=args.fold, folds=args.folds,
                           resume=args.resume, max_epochs=args.max_epochs, device=args.device, smoke=args.smoke,
                           overrides=args.set, seed=args.seed, workers=args.workers, stages=args.stage,
-                          progress=_Progress("train", not args.quiet))
+                          progress=_Progress("train", not args.quiet),
+                          init_from=Path(args.init_from) if args.init_from else None, max_minutes=args.max_minutes)
     print(json.dumps({name: {k: s[k] for k in ("epochs_done", "total_epochs", "finished", "best")} for name, s in summaries.items()}))
     return 0
 
@@ -166,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-slices", type=int, metavar="N", help="at most N slices (crop around the kidneys, else thicker slices)")
     s.add_argument("--cysts", action="store_true", help="add cyst-like lesions (label 3) to 60%% of the cases")
     s.add_argument("--intensity-shift", type=float, default=0.0, metavar="HU", help="added to contrast-enhanced tissues")
+    s.add_argument("--noise-scale", type=float, default=1.0, metavar="F", help="multiplies the 10-25 HU noise")
+    s.add_argument("--slice-mm", type=float, metavar="MM", help="slices at least MM apart (thicker slices)")
+    s.add_argument("--fov-fraction", type=float, default=1.0, metavar="F",
+                   help="keep the central F of each in-plane axis (a smaller field of view)")
     s.add_argument("--overwrite", action="store_true", help="rewrite existing cases")
     s.set_defaults(func=cmd_phantoms)
 
@@ -200,12 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--folds", type=int, default=5)
     s.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     s.add_argument("--max-epochs", type=int, help="stop each stage after this many epochs (resume later for more)")
+    s.add_argument("--max-minutes", type=float, metavar="M", help="stop each stage after the epoch during which M minutes "
+                                                               "of its training passed (equal budgets; resume for more)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     s.add_argument("--smoke", action="store_true", help="the recipe's tiny CPU variant")
     s.add_argument("--set", action="append", default=[], metavar="STAGE.SECTION.KEY=JSON", help="override a recipe value")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     s.add_argument("--stage", action="append", help="train only this stage (repeatable)")
+    s.add_argument("--init-from", metavar="RUN", help="start each stage from this run's weights (fine-tuning; same "
+                                                     "stage names and architectures); recorded in run.json")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("evaluate", help="KiTS19 metrics of a model package on a labelled dataset")

@@ -82,7 +82,8 @@ def export_runs(run_dirs: Sequence[Path], out: Path, top_k: Optional[int] = None
     phantoms = all(r["phantoms"] for _, r in runs)
     data = {"dataset": first["dataset"], "phantoms": phantoms,
             "runs": [{"run": str(d), "fold": r["fold"], "folds": r["folds"], "train_cases": r["train_cases"],
-                      "val_cases": r["val_cases"], "seed": r["seed"], "commit": r["commit"]} for d, r in runs]}
+                      "val_cases": r["val_cases"], "seed": r["seed"], "commit": r["commit"], "command": r.get("command"),
+                      **({"init_from": r["init_from"]} if r.get("init_from") else {})} for d, r in runs]}
     record = Path(first["dataset"]) / PHANTOMS_JSON
     if phantoms and record.is_file():
         data["phantom_options"] = json.loads(record.read_text()).get("options")

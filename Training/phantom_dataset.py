@@ -12,6 +12,10 @@ exactly the same grid - or on a reduced grid that spans the same physical region
 * ``max_slices`` N: a case with more slices keeps the N slices centred on its labelled region
   (plus 10 mm); when the labelled region is longer than N slices, the slice spacing grows until
   it fits. Geometry stays physical: direction unchanged, origin and spacing recomputed.
+* ``slice_mm`` S: slices at least S mm apart (thicker slices, e.g. 5 mm for a robustness set).
+* ``fov_fraction`` F (0 < F <= 1): after synthesis, image and labels keep the central F of each
+  in-plane axis - a smaller reconstruction field of view that may cut the body (and a kidney).
+* ``noise_scale``: multiplies the synthesizer's 10-25 HU noise.
 
 Labels are resampled with nearest neighbour. ``cysts``: some cases (60 %) get 1-2 cyst-like
 lesions (label 3): spheres of 4-15 mm radius centred near the kidney surface, never over a tumor.
@@ -46,9 +50,12 @@ SLICE_MARGIN_MM = 10.0
 CYST_CASE_FRACTION = 0.6
 
 
-def reduce_grid(labels: sitk.Image, downsample_inplane: float = 1.0, max_slices: Optional[int] = None) -> sitk.Image:
-    """``labels`` on a coarser in-plane grid and/or fewer slices (see the module text); same image
-    axes, direction and physical extent per axis (except the slices cropped away)."""
+def reduce_grid(labels: sitk.Image, downsample_inplane: float = 1.0, max_slices: Optional[int] = None,
+                slice_mm: Optional[float] = None) -> sitk.Image:
+    """``labels`` on a coarser in-plane grid and/or fewer or thicker slices (see the module text); same
+    image axes, direction and physical extent per axis (except the slices cropped away)."""
+    if slice_mm is not None and not slice_mm > 0:
+        raise InputError(f"--slice-mm must be > 0, got {slice_mm}")
     if downsample_inplane < 1.0:
         raise InputError(f"--downsample-inplane must be >= 1, got {downsample_inplane}")
     if max_slices is not None and max_slices < 1:
@@ -78,6 +85,8 @@ def reduce_grid(labels: sitk.Image, downsample_inplane: float = 1.0, max_slices:
         else:
             lo[zaxis], hi[zaxis] = f_lo, f_hi
             factor[zaxis] = span / max_slices
+    if slice_mm is not None:
+        factor[zaxis] = max(factor[zaxis], float(slice_mm) / spacing[zaxis])
     new_size, new_spacing, first = [], [], []
     for a in range(3):
         extent = hi[a] - lo[a]
@@ -132,28 +141,51 @@ def add_cysts(labels: sitk.Image, rng: np.random.Generator, count: int) -> sitk.
     return out
 
 
+def crop_fov(image: sitk.Image, fraction: float) -> sitk.Image:
+    """The central ``fraction`` of ``image``'s two in-plane axes (those closest to patient x and y), all
+    slices; geometry kept physical (origin moves to the first kept voxel)."""
+    if not 0.0 < fraction <= 1.0:
+        raise InputError(f"--fov-fraction must be in (0, 1], got {fraction}")
+    _, perm, _ = geo.canonical_axes(image.GetDirection())
+    size, start = list(image.GetSize()), [0, 0, 0]
+    for a in (perm[0], perm[1]):
+        n = max(1, int(round(size[a] * fraction)))
+        start[a], size[a] = (size[a] - n) // 2, n
+    return sitk.RegionOfInterest(image, size, start)
+
+
 def make_phantom(labels: sitk.Image, case_number: int, seed: int = 0, downsample_inplane: float = 1.0,
-                 max_slices: Optional[int] = None, cysts: bool = False, intensity_shift_hu: float = 0.0):
+                 max_slices: Optional[int] = None, cysts: bool = False, intensity_shift_hu: float = 0.0,
+                 noise_scale: float = 1.0, slice_mm: Optional[float] = None, fov_fraction: float = 1.0):
     """One phantom case: ``(ct, labels)`` (int16 HU, uint8) from a real label map, deterministic in
     ``(seed, case_number)``."""
     from .phantoms import synthesize_ct
 
     rng = np.random.default_rng([int(seed), int(case_number)])
-    reduced = reduce_grid(labels, downsample_inplane, max_slices)
+    reduced = reduce_grid(labels, downsample_inplane, max_slices, slice_mm)
     if cysts and rng.random() < CYST_CASE_FRACTION:
         reduced = add_cysts(reduced, rng, int(rng.integers(1, 3)))
-    return synthesize_ct(reduced, rng=rng, intensity_shift_hu=intensity_shift_hu, cyst_as_label=True)
+    ct, out_labels = synthesize_ct(reduced, rng=rng, intensity_shift_hu=intensity_shift_hu, noise_scale=noise_scale,
+                                   cyst_as_label=True)
+    if fov_fraction < 1.0:
+        ct, out_labels = crop_fov(ct, fov_fraction), crop_fov(out_labels, fov_fraction)
+    return ct, out_labels
 
 
 def make_phantom_dataset(labels_dir: Path, out_dir: Path, cases: Optional[Sequence[int]] = None, seed: int = 0,
                          downsample_inplane: float = 1.0, max_slices: Optional[int] = None, cysts: bool = False,
-                         intensity_shift_hu: float = 0.0, overwrite: bool = False,
+                         intensity_shift_hu: float = 0.0, noise_scale: float = 1.0, slice_mm: Optional[float] = None,
+                         fov_fraction: float = 1.0, overwrite: bool = False,
                          progress: Optional[Callable[[int, int, str], None]] = None) -> dict:
     """Write the phantom dataset (see the module text); returns the ``phantoms.json`` record.
 
     Existing case folders are kept (so an interrupted run continues) unless ``overwrite``.
     ``progress(done, total, case_name)`` is called after each case.
     """
+    if not 0.0 < float(fov_fraction) <= 1.0:
+        raise InputError(f"--fov-fraction must be in (0, 1], got {fov_fraction}")
+    if noise_scale < 0:
+        raise InputError(f"--noise-scale must be >= 0, got {noise_scale}")
     sources = list_cases(Path(labels_dir), cases, need_labels=True, image_name=LABELS_NAME)
     out_dir = Path(out_dir)
     try:
@@ -162,6 +194,11 @@ def make_phantom_dataset(labels_dir: Path, out_dir: Path, cases: Optional[Sequen
         raise OutputError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
     options = {"seed": int(seed), "downsample_inplane": float(downsample_inplane), "max_slices": max_slices,
                "cysts": bool(cysts), "intensity_shift_hu": float(intensity_shift_hu)}
+    # recorded only when used, so datasets written before these options existed still match
+    for key, value, default in (("noise_scale", noise_scale, 1.0), ("slice_mm", slice_mm, None),
+                                ("fov_fraction", fov_fraction, 1.0)):
+        if value != default:
+            options[key] = float(value)
     record_path = out_dir / PHANTOMS_JSON
     if record_path.is_file() and not overwrite:
         previous = json.loads(record_path.read_text())
@@ -210,4 +247,4 @@ def is_phantom_dataset(data_dir: Path) -> bool:
     return (Path(data_dir) / PHANTOMS_JSON).is_file()
 
 
-__all__ = ["reduce_grid", "add_cysts", "make_phantom", "make_phantom_dataset", "is_phantom_dataset", "case_name"]
+__all__ = ["reduce_grid", "add_cysts", "crop_fov", "make_phantom", "make_phantom_dataset", "is_phantom_dataset", "case_name"]

@@ -398,6 +398,39 @@ _register({
     "smoke": _VBNET_SMOKE,
 })
 
+# --- phantom_default: the shipped default model ---------------------------------------------------------
+#: robustness augmentation: other scanners' contrast timing and calibration (shift, gain), noisier
+#: low-dose scans, thicker slices (low_resolution along z), smoother kernels (blur), small pose changes
+_PD_AUGMENTATION = {"intensity_shift_hu": 40.0, "intensity_gain": [0.85, 1.15], "noise_hu": [0.0, 30.0],
+                    "mirror_axes": [0], "mirror_probability": 0.5,
+                    "low_resolution": {"probability": 0.3, "factor": [1.0, 2.5], "axes": [2]},
+                    "blur_sigma_voxels": [0.3, 1.0], "blur_probability": 0.15,
+                    "rotation_deg": [0, 0, 15], "rotation_probability": 0.2, "scale": [0.9, 1.1], "scale_probability": 0.2}
+_PD_VALIDATION = {"every_epochs": 5, "max_cases": 6}
+_register({
+    "name": "phantom_default",
+    "seed": "002 (VB-Net two-stage), sized for a CPU; the bundled default model",
+    "summary": "phantom_fast's two-stage VB-Net trained longer, with tumor-centred (class-balanced) fine patches and "
+               "intensity / noise / slice-thickness / pose augmentation for robustness.",
+    "stages": [
+        {"manifest": copy.deepcopy(RECIPES["phantom_fast"]["stages"][0]["manifest"]),
+         "training": dict(copy.deepcopy(RECIPES["phantom_fast"]["stages"][0]["training"]), epochs=60,
+                          augmentation=_PD_AUGMENTATION, validation=_PD_VALIDATION)},
+        {"manifest": copy.deepcopy(RECIPES["phantom_fast"]["stages"][1]["manifest"]),
+         "training": dict(copy.deepcopy(RECIPES["phantom_fast"]["stages"][1]["training"]), epochs=180,
+                          sampler={"kind": "class_balanced"}, augmentation=_PD_AUGMENTATION, validation=_PD_VALIDATION)},
+    ],
+    "postprocessing": copy.deepcopy(RECIPES["phantom_fast"]["postprocessing"]),
+    "reproduces": ["the two-resolution VB-Net scheme of seed 002 at CPU size"],
+    "leaves_out": ["1 mm fine spacing, 96^3 crops and full widths (CPU budget)"],
+    "choices": ["phantom_fast's networks and spacings; fine patches centred on background / kidney / tumor / cyst with equal "
+                "probability (tumors are a few percent of the kidney box, so foreground sampling rarely centres one)",
+                "augmentation for robustness: HU shift (sd 40) and gain 0.85-1.15, noise up to 30 HU, slices up to 2.5x "
+                "thicker, blur, rotation about z +-15 deg, scale 0.9-1.1",
+                "the shipped model continues a phantom_fast run (--init-from) with a shorter schedule; see Training/README.md"],
+    "smoke": _VBNET_SMOKE,
+})
+
 #: the issue's name for the Daza recipe
 ALIASES = {"deeplab3d": "daza_deeplab"}
 SEED_RECIPES = ("liu_c2f", "resunet_vnet25d", "vbnet_multires", "two_phase_vnet", "daza_deeplab")

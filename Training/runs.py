@@ -31,7 +31,7 @@ from .distributed import barrier, init_from_env
 from .phantom_dataset import is_phantom_dataset
 from .preprocess import CACHE_JSON, Cache, init_cache, preprocess
 from .recipes import apply_overrides, get_recipe, resolve
-from .trainer import Hook, StageTrainer
+from .trainer import CHECKPOINT, FINAL, Hook, StageTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,28 @@ def read_run(out: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _initial_weights(source: Path, recipe_name: Optional[str], smoke: bool, overrides: Sequence[str]) -> dict:
+    """``{"run", "stages": {stage: {"file", "sha256"}}}`` for the stages of ``recipe_name`` that ``source`` (a run
+    folder) has weights for: its ``final.pt``, else the model in its last checkpoint."""
+    import hashlib
+
+    if not (source / RUN_JSON).is_file():
+        raise InputError(f"--init-from {source}: not a training run (no {RUN_JSON})")
+    names = [s["manifest"]["name"] for s in apply_overrides(get_recipe(recipe_name, smoke=smoke), list(overrides))["stages"]]
+    stages = {}
+    for name in names:
+        for candidate in (source / name / FINAL, source / name / CHECKPOINT):
+            if candidate.is_file():
+                digest = hashlib.sha256(candidate.read_bytes()).hexdigest()
+                stages[name] = {"file": str(candidate.resolve()), "sha256": digest}
+                break
+    if not stages:
+        raise InputError(f"--init-from {source}: no weights for any of the stages {', '.join(names)}")
+    return {"run": str(source.resolve()), "stages": stages}
+
+
 def _create_run(recipe_name: str, data: Path, out: Path, fold: Optional[int], folds: int, smoke: bool,
-                overrides: Sequence[str], seed: int, progress) -> dict:
+                overrides: Sequence[str], seed: int, progress, init_from: Optional[dict] = None) -> dict:
     recipe = apply_overrides(get_recipe(recipe_name, smoke=smoke), list(overrides))
     cache = open_cache(data, out)
     meta = cache.meta()
@@ -87,6 +107,8 @@ def _create_run(recipe_name: str, data: Path, out: Path, fold: Optional[int], fo
         "command": "python -m Training " + " ".join(sys.argv[1:]), "commit": git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if init_from:
+        run["init_from"] = init_from
     tmp = out / f".{RUN_JSON}.tmp"
     tmp.write_text(json.dumps(run, indent=1) + "\n")
     tmp.replace(out / RUN_JSON)
@@ -106,8 +128,13 @@ def split_records(records: list[dict], train_cases, val_cases) -> tuple[list[dic
 def train_run(recipe_name: Optional[str], data: Optional[Path], out: Path, fold: Optional[int] = 0, folds: int = 5,
               resume: bool = False, max_epochs: Optional[int] = None, device: str = "auto", smoke: bool = False,
               overrides: Sequence[str] = (), seed: int = 0, workers: int = 0, stages: Optional[Sequence[str]] = None,
-              hooks: Sequence[Hook] = (), progress: Optional[Callable[[int, int, str], None]] = None) -> dict:
-    """Train (or resume) a run; returns ``{stage: summary}`` (see :meth:`StageTrainer.fit`)."""
+              hooks: Sequence[Hook] = (), progress: Optional[Callable[[int, int, str], None]] = None,
+              init_from: Optional[Path] = None, max_minutes: Optional[float] = None) -> dict:
+    """Train (or resume) a run; returns ``{stage: summary}`` (see :meth:`StageTrainer.fit`).
+
+    ``max_minutes``: each stage stops after the epoch during which this many minutes of its training
+    passed (equal time budgets; resume later for more). ``init_from``: another run folder whose stages (same names and architectures) give the starting
+    weights (fine-tuning); recorded in ``run.json`` with the weights' sha256 for provenance."""
     from KidneyTumorSegLib.device import resolve_device
 
     try:
@@ -123,13 +150,16 @@ def train_run(recipe_name: Optional[str], data: Optional[Path], out: Path, fold:
     if dist is None or dist.is_main:
         if exists and not resume:
             raise OutputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        if exists and init_from:
+            raise InputError("--init-from starts a new run; a resumed run keeps the weights it started from")
         if not exists:
             if resume:
                 raise InputError(f"nothing to resume: {out} holds no {RUN_JSON}")
             if recipe_name is None or data is None:
                 raise InputError("a new run needs --recipe and --data")
+            init = _initial_weights(Path(init_from), recipe_name, smoke, overrides) if init_from else None
             out.mkdir(parents=True, exist_ok=True)
-            _create_run(recipe_name, Path(data), out, fold, folds, smoke, overrides, seed, progress)
+            _create_run(recipe_name, Path(data), out, fold, folds, smoke, overrides, seed, progress, init)
     barrier(dist)
     run = read_run(out)
     if recipe_name is not None and get_recipe(recipe_name)["name"] != run["recipe"]:
@@ -151,9 +181,11 @@ def train_run(recipe_name: Optional[str], data: Optional[Path], out: Path, fold:
                 raise InputError(f"stage {stage['name']!r}: no training volumes (do the training cases hold kidneys?)")
             train_records.append(t)
             val_records.append(v)
+        init = (run.get("init_from") or {}).get("stages", {}).get(stage["name"])
         trainer = StageTrainer(out / stage["name"], stage, folders, train_records, val_records, dev,
-                               seed=run["seed"] * 1000 + i, workers=workers, hooks=hooks, progress=progress, dist=dist)
-        summaries[stage["name"]] = trainer.fit(max_epochs=max_epochs, resume=resume)
+                               seed=run["seed"] * 1000 + i, workers=workers, hooks=hooks, progress=progress, dist=dist,
+                               init_weights=Path(init["file"]) if init else None)
+        summaries[stage["name"]] = trainer.fit(max_epochs=max_epochs, resume=resume, max_minutes=max_minutes)
     if dist is not None:
         import torch.distributed as tdist
 

@@ -108,8 +108,9 @@ class StageTrainer:
     def __init__(self, out_dir: Path, stage: dict, folders: Sequence[Path], train_records: Sequence[list],
                  val_records: Sequence[list], device: torch.device, seed: int = 0, workers: int = 0,
                  hooks: Sequence[Hook] = (), progress: Optional[Callable[[int, int, str], None]] = None,
-                 dist: Optional[DistInfo] = None):
+                 dist: Optional[DistInfo] = None, init_weights: Optional[Path] = None):
         self.out = Path(out_dir)
+        self.init_weights = Path(init_weights) if init_weights else None
         self.stage = stage
         self.name = stage["name"]
         self.phases = stage["phases"]
@@ -210,26 +211,48 @@ class StageTrainer:
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
 
+    def load_initial_weights(self, path: Path) -> None:
+        """Start from another run's weights (fine-tuning): ``path`` is a state dict (``final.pt``, a ``top``
+        file) or a training checkpoint of a network with this stage's architecture."""
+        from KidneyTumorSegLib.errors import InputError
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and "format" in state:
+            state = state["model"]
+        try:
+            self.net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise InputError(f"stage {self.name!r}: the weights in {path} do not fit this stage's network "
+                             f"({str(exc).splitlines()[0]})") from None
+        logger.info("stage %s: initialised from %s", self.name, path)
+
     def _write_metrics(self) -> None:
         tmp = self.out / f".{METRICS}.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         os.replace(tmp, self.out / METRICS)
 
     # -- training ------------------------------------------------------------------------------------
-    def fit(self, max_epochs: Optional[int] = None, resume: bool = False) -> dict:
-        """Train until the last phase ends (or ``max_epochs`` epochs are done, or the schedule stops the last
-        phase). ``resume`` continues from ``checkpoint_last.pt`` when it exists. Returns a summary."""
+    def fit(self, max_epochs: Optional[int] = None, resume: bool = False, max_minutes: Optional[float] = None) -> dict:
+        """Train until the last phase ends (or ``max_epochs`` epochs are done, or the epoch during which
+        ``max_minutes`` of this call's time ran out has ended, or the schedule stops the last phase).
+        ``resume`` continues from ``checkpoint_last.pt`` when it exists. Returns a summary."""
+        started = time.perf_counter()
         if resume and self.checkpoint_path.is_file():
             self._load_checkpoint()
             logger.info("stage %s: resumed after epoch %d", self.name, self.epoch)
         elif self.checkpoint_path.is_file() and self.is_main:
             raise OutputError(f"{self.checkpoint_path} exists; resume it (--resume) instead of starting over")
+        elif self.init_weights is not None:
+            self.load_initial_weights(self.init_weights)
         limit = self.total_epochs if max_epochs is None else min(self.total_epochs, int(max_epochs))
         while self.epoch < limit:
             p = self.phase_of(self.epoch)
             if p != self.phase:
                 self._start_phase(p)
             self._run_epoch(p)
+            if max_minutes is not None and time.perf_counter() - started >= 60.0 * float(max_minutes):
+                logger.info("stage %s: time budget of %s min used after epoch %d", self.name, max_minutes, self.epoch)
+                break
         finished = self.epoch >= self.total_epochs
         if finished and self.is_main:
             torch.save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, self.out / FINAL)
