@@ -101,6 +101,14 @@ def test_overrides_and_missing_fingerprint_are_reported():
     assert resolved["stages"][0]["phases"][0]["epochs"] == 5 and resolved["overrides"]
     with pytest.raises(InputError):
         apply_overrides(get_recipe("vbnet_multires"), ["nostage.training.epochs=5"])
+    # Daza's two phases replaced by one (a CPU-sized comparison leaves the fine-tuning phase out)
+    one = resolve(apply_overrides(get_recipe("daza_deeplab"), ["segment.phases=[]", "segment.training.epochs=7"]), FINGERPRINT)
+    assert [p["epochs"] for p in one["stages"][0]["phases"]] == [7]
+    assert one["stages"][0]["phases"][0]["manifest"]["patch_size"] == [48, 48, 48]
+    two = resolve(apply_overrides(get_recipe("daza_deeplab"), ['segment.phases=[{"epochs": 3}, {"epochs": 2}]']), FINGERPRINT)
+    assert [p["epochs"] for p in two["stages"][0]["phases"]] == [3, 2]
+    with pytest.raises(InputError, match="phases"):
+        apply_overrides(get_recipe("daza_deeplab"), ['segment.phases={"epochs": 3}'])
     with pytest.raises(InputError):
         get_recipe("no_such_recipe")
     with pytest.raises(ValueError, match="fingerprint"):

@@ -484,18 +484,29 @@ def get_recipe(name: str, smoke: bool = False) -> dict:
 
 def apply_overrides(recipe: dict, assignments: list[str]) -> dict:
     """Apply ``STAGE.SECTION.KEY[.KEY...]=JSON`` assignments (e.g. ``fine.manifest.spacing_mm=[2,2,2]``,
-    ``coarse.training.epochs=5``); SECTION is manifest or training. Returns the recipe."""
+    ``coarse.training.epochs=5``); SECTION is manifest or training. ``STAGE.phases=JSON`` replaces the
+    stage's list of phases (``[]``: one phase of ``training.epochs``). Returns the recipe."""
     from KidneyTumorSegLib.errors import InputError
 
     for text in assignments or []:
         path, sep, value = text.partition("=")
         keys = path.strip().split(".")
-        if not sep or len(keys) < 3 or keys[1] not in ("manifest", "training"):
-            raise InputError(f"--set expects STAGE.manifest|training.KEY=JSON, got {text!r}")
+        phases = sep and len(keys) == 2 and keys[1] == "phases"
+        if not phases and (not sep or len(keys) < 3 or keys[1] not in ("manifest", "training")):
+            raise InputError(f"--set expects STAGE.manifest|training.KEY=JSON or STAGE.phases=JSON, got {text!r}")
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
             parsed = value
+        if phases:
+            if not isinstance(parsed, list) or not all(isinstance(p, dict) and "epochs" in p for p in parsed):
+                raise InputError(f"{keys[0]}.phases must be a JSON list of {{\"epochs\": N, ...}} objects, got {value!r}")
+            try:
+                _apply_stage_overrides(recipe, {keys[0]: {"phases": parsed}})
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+            recipe.setdefault("overrides", []).append(text)
+            continue
         nested: Any = parsed
         for key in reversed(keys[2:]):
             nested = {key: nested}
