@@ -92,6 +92,19 @@ def _initial_weights(source: Path, recipe_name: Optional[str], smoke: bool, over
     return {"run": str(source.resolve()), "stages": stages}
 
 
+def resume_from_checkpoint(stage_dir: Path, resume: bool) -> bool:
+    """True when a stage will continue from its own checkpoint (so starting weights do not matter)."""
+    return bool(resume) and (Path(stage_dir) / CHECKPOINT).is_file()
+
+
+def _check_unchanged(path: Path, sha256: str) -> None:
+    import hashlib
+
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+        raise InputError(f"the starting weights {path} recorded in run.json are missing or changed since the run began "
+                         "(sha256 mismatch); restore them or start a new run")
+
+
 def _create_run(recipe_name: str, data: Path, out: Path, fold: Optional[int], folds: int, smoke: bool,
                 overrides: Sequence[str], seed: int, progress, init_from: Optional[dict] = None) -> dict:
     recipe = apply_overrides(get_recipe(recipe_name, smoke=smoke), list(overrides))
@@ -133,8 +146,9 @@ def train_run(recipe_name: Optional[str], data: Optional[Path], out: Path, fold:
     """Train (or resume) a run; returns ``{stage: summary}`` (see :meth:`StageTrainer.fit`).
 
     ``max_minutes``: each stage stops after the epoch during which this many minutes of its training
-    passed (equal time budgets; resume later for more). ``init_from``: another run folder whose stages (same names and architectures) give the starting
-    weights (fine-tuning); recorded in ``run.json`` with the weights' sha256 for provenance."""
+    passed (equal time budgets; resume later for more). ``init_from``: another run folder whose stages
+    (same names and architectures) give the starting weights (fine-tuning); recorded in ``run.json``
+    with the weights' sha256 for provenance, and checked against it when a stage starts."""
     from KidneyTumorSegLib.device import resolve_device
 
     try:
@@ -182,6 +196,8 @@ def train_run(recipe_name: Optional[str], data: Optional[Path], out: Path, fold:
             train_records.append(t)
             val_records.append(v)
         init = (run.get("init_from") or {}).get("stages", {}).get(stage["name"])
+        if init and not resume_from_checkpoint(out / stage["name"], resume):
+            _check_unchanged(Path(init["file"]), init["sha256"])
         trainer = StageTrainer(out / stage["name"], stage, folders, train_records, val_records, dev,
                                seed=run["seed"] * 1000 + i, workers=workers, hooks=hooks, progress=progress, dist=dist,
                                init_weights=Path(init["file"]) if init else None)
