@@ -30,6 +30,10 @@ def test_recipe_builds_networks_losses_and_a_valid_manifest(name, smoke):
     resolved = resolve(get_recipe(name, smoke=smoke), FINGERPRINT)
     manifest = _manifest(resolved)
     for stage in resolved["stages"]:
+        # test-time mirroring only along the axes the network was trained mirrored on
+        aug = stage["phases"][-1]["training"].get("augmentation") or {}
+        trained = set(aug.get("mirror_axes", [])) if aug.get("mirror_probability", 0.5) > 0 else set()
+        assert set(manifest.stage(stage["name"]).tta_mirror_axes) == trained
         for phase in stage["phases"]:
             m, t = phase["manifest"], phase["training"]
             spec = manifest.stage(m["name"])

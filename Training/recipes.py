@@ -588,8 +588,16 @@ def resolve(recipe: dict, fingerprint: Optional[Mapping]) -> dict:
 
 
 def final_stage_manifest(resolved_stage: dict) -> dict:
-    """The manifest entry a resolved stage exports: its last phase's."""
-    return copy.deepcopy(resolved_stage["phases"][-1]["manifest"])
+    """The manifest entry a resolved stage exports: its last phase's. Unless the recipe sets them,
+    test-time mirroring uses only the axes the network was trained mirrored on (a network that never
+    saw a head-foot flip must not be asked to segment one)."""
+    last = resolved_stage["phases"][-1]
+    m = copy.deepcopy(last["manifest"])
+    if "tta_mirror_axes" not in m:
+        aug = last["training"].get("augmentation") or {}
+        mirrored = float(aug.get("mirror_probability", 0.5)) > 0
+        m["tta_mirror_axes"] = sorted(int(a) for a in aug.get("mirror_axes", [])) if mirrored else []
+    return m
 
 
 def manifest_dict(resolved: dict, weights: Mapping[str, list], name: Optional[str] = None, version: str = "0.1.0",
