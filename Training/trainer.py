@@ -250,7 +250,9 @@ class StageTrainer:
             if p != self.phase:
                 self._start_phase(p)
             self._run_epoch(p)
-            if max_minutes is not None and time.perf_counter() - started >= 60.0 * float(max_minutes):
+            # every DDP rank must stop after the same epoch: stop when any rank's clock says so
+            over = max_minutes is not None and time.perf_counter() - started >= 60.0 * float(max_minutes)
+            if max_minutes is not None and mean_across(float(over), self.dist, self.device) > 0:
                 logger.info("stage %s: time budget of %s min used after epoch %d", self.name, max_minutes, self.epoch)
                 break
         finished = self.epoch >= self.total_epochs
