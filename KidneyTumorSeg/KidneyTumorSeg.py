@@ -419,8 +419,11 @@ class KidneyTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node.SetNodeReferenceID("ResultVolume", run.volumeNode.GetID())
             node.SetParameter("Results", json.dumps(run.stats))
             node.EndModify(wasModified)
+            notes = resultsHelpers.notesText(run.stats)
             self.setStatus(f"Done in {run.elapsedSeconds:.0f} s: {resultsHelpers.summaryText(run.stats)}. "
-                           "Check the result and correct it in the Segment Editor.")
+                           f"Check the result and correct it in the Segment Editor.{notes}", error=bool(notes))
+            if notes:
+                self.ui.logTextEdit.appendPlainText(notes.strip())
             self.ui.show3DButton.checked = True
             self.onShow3DToggled(True)
         elif run.state == "cancelled":

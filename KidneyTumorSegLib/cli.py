@@ -146,7 +146,8 @@ def cmd_segment(args) -> int:
             stats_out = _stats_path(args.stats, out, batch)
             if stats_out is not None:
                 _write_json_atomic({"input": str(case), "output": str(out), "model": result.model_name,
-                                    "device": result.device, "timings_s": result.timings, **result.stats},
+                                    "device": result.device, "timings_s": result.timings, "notes": list(result.notes),
+                                    **result.stats},
                                    stats_out, args.overwrite)
         except KidneyTumorSegError as exc:
             if len(plan) == 1:

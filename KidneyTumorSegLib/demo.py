@@ -57,11 +57,13 @@ def run_demo(output: Path, device: str = "auto", overwrite: bool = False) -> int
     write_image_atomic(result.labels, seg_path, overwrite=overwrite)
     metrics = kits_dice(sitk.GetArrayViewFromImage(result.labels), sitk.GetArrayViewFromImage(truth))
     _write_json_atomic({"input": str(SAMPLE_CT), "model": result.model_name, "device": result.device,
-                        "timings_s": result.timings, "dice_vs_truth": metrics, **result.stats}, stats_path, overwrite)
+                        "timings_s": result.timings, "notes": list(result.notes), "dice_vs_truth": metrics, **result.stats}, stats_path, overwrite)
     write_overview_png(ct, result.labels, png_path, truth=truth)
     print(f"segmented {SAMPLE_CT.name} ({'x'.join(map(str, ct.GetSize()))} voxels) on {result.device} "
           f"in {result.timings['total']:.1f} s")
     print(f"measurements: {_summarize(result.stats)}")
+    for note in result.notes:
+        print(f"note: {note}")
     print(f"Dice vs the sample's truth: kidney {metrics['kidney_dice']:.3f}, tumor {metrics['tumor_dice']:.3f}")
     print(f"wrote {seg_path}, {stats_path}, {png_path}")
     sys.stdout.flush()

@@ -36,6 +36,32 @@ from .runcontrol import ProgressCallback, ProgressSpan, check_cancel
 logger = logging.getLogger(__name__)
 
 AIR_HU = -1024.0
+#: below this median HU the segmented kidney parenchyma does not look contrast-enhanced (enhanced
+#: parenchyma is about 120-250 HU in the arterial to nephrographic phases, unenhanced about 20-40 HU)
+ENHANCED_KIDNEY_MIN_HU = 80.0
+#: the parenchyma alone is judged when at least this much of it was segmented (mL)
+_PARENCHYMA_MIN_ML = 1.0
+
+
+def enhancement_note(image: sitk.Image, labels: sitk.Image) -> Optional[str]:
+    """A warning when the segmented kidneys do not look contrast-enhanced (the models here are made
+    for contrast-enhanced CT), else None. ``image``: the CT in HU; ``labels``: the label map on its grid.
+    Judged on the kidney parenchyma (label 1), or on kidney + lesions when under 1 mL of parenchyma
+    was found (a model confused by an unenhanced scan tends to call the whole kidney a lesion)."""
+    lab = sitk.GetArrayViewFromImage(labels)
+    hu = sitk.GetArrayViewFromImage(image)
+    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+    region = lab == LABEL_VALUES["kidney"]
+    if region.sum() * voxel_ml < _PARENCHYMA_MIN_ML:
+        region = lab > 0
+    if not region.any():
+        return None
+    median = float(np.median(hu[region]))
+    if median >= ENHANCED_KIDNEY_MIN_HU:
+        return None
+    return (f"the segmented kidneys have a median of {median:.0f} HU: this does not look like a contrast-enhanced scan "
+            f"(expected over {ENHANCED_KIDNEY_MIN_HU:.0f} HU); the model is made for contrast-enhanced CT, so check the "
+            "result with particular care")
 #: voxels of the input grid resampled back at once (bounds the float32 probability slab)
 _BACK_RESAMPLE_VOXELS = 8_000_000
 
@@ -123,6 +149,10 @@ class Segmenter:
         timings["total"] = time.perf_counter() - start_all
         if not stats.get("kidneys"):
             notes.append("no kidney found in this volume")
+        else:
+            phase_note = enhancement_note(image, labels)
+            if phase_note:
+                notes.append(phase_note)
         if progress is not None:
             progress(1.0, "done")
         return SegmentationResult(labels, stats, timings, self.manifest.name, str(self.device), notes)

@@ -90,6 +90,27 @@ def test_no_kidney_gives_an_empty_map_and_a_note(classifier_package):
     assert any("no kidney" in n for n in result.notes)
 
 
+def test_a_scan_whose_kidneys_do_not_enhance_gets_a_warning(classifier_package):
+    from KidneyTumorSegLib.pipeline import ENHANCED_KIDNEY_MIN_HU, enhancement_note
+
+    labels = procedural_labels(rng=np.random.default_rng(1), tumors=1, **GEOMETRIES["identity"])
+    enhanced = Segmenter(classifier_package, device="cpu").segment(ct_from_labels(labels))
+    assert not any("contrast-enhanced" in n for n in enhanced.notes)  # kidneys at 150 HU: no warning
+    lab = sitk.GetArrayFromImage(labels)
+    hu = np.where(lab == 1, 30.0, np.where(lab > 1, 25.0, -100.0)).astype(np.float32)  # unenhanced kidney, lesion
+    ct = sitk.GetImageFromArray(hu)
+    ct.CopyInformation(labels)
+    note = enhancement_note(ct, labels)
+    assert note and "30 HU" in note and f"{ENHANCED_KIDNEY_MIN_HU:.0f} HU" in note
+    # under 1 mL of parenchyma (a model that calls the whole kidney a lesion): judged on kidney + lesions
+    lesion_only = sitk.GetImageFromArray(np.where(lab > 0, 2, 0).astype(np.uint8))
+    lesion_only.CopyInformation(labels)
+    assert "30 HU" in enhancement_note(ct, lesion_only)  # mostly former parenchyma voxels: median 30
+    bright = sitk.GetImageFromArray(np.where(lab > 0, 180.0, -100.0).astype(np.float32))
+    bright.CopyInformation(labels)
+    assert enhancement_note(bright, labels) is None
+
+
 def test_kidney_cut_by_the_field_of_view(classifier_package):
     labels = procedural_labels(rng=np.random.default_rng(4), cut_by_fov=True, tumors=1, **GEOMETRIES["identity"])
     _, kidney, _ = segment_and_score(classifier_package, labels)

@@ -391,6 +391,8 @@ def test_results_table_rows_and_summary():
         ("Cysts", "0.0", "none found")]
     assert results.tableRows({"kidneys": []}) == [("Kidney", "0.0", "no kidney found")]
     assert results.summaryText(STATS) == "2 kidneys, 1 tumor (12.3 mL), no cyst"
+    assert results.notesText(STATS) == "" and results.notesText({"notes": []}) == ""
+    assert results.notesText({"notes": ["looks unenhanced", "second"]}) == " Note: looks unenhanced; second."
 
 
 def test_csv_row():

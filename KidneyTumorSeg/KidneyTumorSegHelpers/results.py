@@ -107,6 +107,13 @@ def summaryText(stats: dict) -> str:
     return ", ".join(parts)
 
 
+def notesText(stats: dict) -> str:
+    """The library's notes for the user (e.g. a scan that does not look contrast-enhanced) as one
+    sentence to append to the status line, or "" when there are none."""
+    notes = [str(n) for n in (stats or {}).get("notes") or [] if str(n).strip()]
+    return (" Note: " + "; ".join(notes) + ".") if notes else ""
+
+
 def ctIntensityProblem(scalarRange: Sequence[float]) -> str:
     """Why an intensity range does not look like CT in Hounsfield units, or "" when it does.
 
