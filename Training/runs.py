@@ -75,7 +75,7 @@ def read_run(out: Path) -> dict:
 def _initial_weights(source: Path, recipe_name: Optional[str], smoke: bool, overrides: Sequence[str]) -> dict:
     """``{"run", "stages": {stage: {"file", "sha256"}}}`` for the stages of ``recipe_name`` that ``source`` (a run
     folder) has weights for: its ``final.pt``, else the model in its last checkpoint."""
-    import hashlib
+    from KidneyTumorSegLib.models import sha256_file
 
     if not (source / RUN_JSON).is_file():
         raise InputError(f"--init-from {source}: not a training run (no {RUN_JSON})")
@@ -84,8 +84,7 @@ def _initial_weights(source: Path, recipe_name: Optional[str], smoke: bool, over
     for name in names:
         for candidate in (source / name / FINAL, source / name / CHECKPOINT):
             if candidate.is_file():
-                digest = hashlib.sha256(candidate.read_bytes()).hexdigest()
-                stages[name] = {"file": str(candidate.resolve()), "sha256": digest}
+                stages[name] = {"file": str(candidate.resolve()), "sha256": sha256_file(candidate)}
                 break
     if not stages:
         raise InputError(f"--init-from {source}: no weights for any of the stages {', '.join(names)}")
@@ -98,9 +97,9 @@ def resume_from_checkpoint(stage_dir: Path, resume: bool) -> bool:
 
 
 def _check_unchanged(path: Path, sha256: str) -> None:
-    import hashlib
+    from KidneyTumorSegLib.models import sha256_file
 
-    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+    if not path.is_file() or sha256_file(path) != sha256:
         raise InputError(f"the starting weights {path} recorded in run.json are missing or changed since the run began "
                          "(sha256 mismatch); restore them or start a new run")
 

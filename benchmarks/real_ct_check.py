@@ -25,17 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 TS_KIDNEY_RIGHT, TS_KIDNEY_LEFT = 2, 3
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean arrays (1.0 when both are empty)."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
-
-
 def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     from KidneyTumorSegLib.imageio import read_image
     from KidneyTumorSegLib.models import load_package
     from KidneyTumorSegLib.pipeline import Segmenter
+    from Training.metrics import dice
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="installed model name or package folder (default: the bundled model)")
@@ -52,11 +47,8 @@ def main(argv=None) -> int:
     labels = sitk.GetArrayFromImage(result.labels)
     predicted = labels > 0
     truth = np.isin(reference, (TS_KIDNEY_RIGHT, TS_KIDNEY_LEFT))
-    # sides from the reference: voxels whose patient x is on each side of the midline between the two kidneys
-    sides = {}
-    for name, value in (("right", TS_KIDNEY_RIGHT), ("left", TS_KIDNEY_LEFT)):
-        mask = reference == value
-        sides[name] = mask
+    # sides split at the midline between the two reference kidneys (patient x, LPS)
+    sides = {"right": reference == TS_KIDNEY_RIGHT, "left": reference == TS_KIDNEY_LEFT}
     index = np.indices(labels.shape).reshape(3, -1)[::-1].T  # (x, y, z) index per voxel, array order
     matrix = np.asarray(ct.GetDirection()).reshape(3, 3) @ np.diag(ct.GetSpacing())
     lps_x = (index @ matrix.T)[:, 0].reshape(labels.shape) + ct.GetOrigin()[0]
