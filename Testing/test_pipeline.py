@@ -111,6 +111,31 @@ def test_a_scan_whose_kidneys_do_not_enhance_gets_a_warning(classifier_package):
     assert enhancement_note(bright, labels) is None
 
 
+def test_a_kidney_called_mostly_tumor_at_unenhanced_density_gets_a_warning():
+    """The failure seen on a real unenhanced CT: one kidney labelled almost all tumor at ~11 HU, and
+    the parenchyma label on some other bright structure (so the parenchyma median looks enhanced)."""
+    from KidneyTumorSegLib.pipeline import ENHANCED_LESION_MIN_HU, enhancement_note
+
+    lab = np.zeros((40, 40, 40), np.uint8)
+    lab[5:20, 5:20, 5:20] = 2            # a 3375-voxel kidney region
+    lab[5:20, 5:20, 5:8] = 1             # 675 voxels of it parenchyma: 80 % tumor
+    lab[25:35, 25:35, 25:35] = 1         # a separate bright "kidney"
+    hu = np.full(lab.shape, -100.0, np.float32)
+    hu[lab == 1] = 180.0
+    hu[lab == 2] = 11.0
+    labels, ct = sitk.GetImageFromArray(lab), sitk.GetImageFromArray(hu)
+    for img in (labels, ct):
+        img.SetSpacing((2.0, 2.0, 2.0))   # 8 mm^3 voxels: that kidney is 27 mL
+    note = enhancement_note(ct, labels)
+    assert note and "27 mL" in note and "11 HU" in note and f"{ENHANCED_LESION_MIN_HU:.0f} HU" in note
+    enhancing = sitk.GetImageFromArray(np.where(lab == 2, 60.0, hu).astype(np.float32))
+    enhancing.CopyInformation(ct)
+    assert enhancement_note(enhancing, labels) is None        # an enhancing tumor: no warning
+    half = lab.copy()
+    half[5:20, 5:20, 5:13] = 1                                # 53 % tumor: judged by the parenchyma only
+    assert enhancement_note(ct, sitk.GetImageFromArray(half)) is None
+
+
 def test_kidney_cut_by_the_field_of_view(classifier_package):
     labels = procedural_labels(rng=np.random.default_rng(4), cut_by_fov=True, tumors=1, **GEOMETRIES["identity"])
     _, kidney, _ = segment_and_score(classifier_package, labels)
