@@ -55,14 +55,19 @@ def enhancement_note(image: sitk.Image, labels: sitk.Image) -> Optional[str]:
     was found; and on each segmented kidney (26-connected region of labels > 0) that is mostly
     tumor, by its tumor voxels: a model confused by an unenhanced scan tends to call a kidney a
     lesion, and leaves the parenchyma label to some other bright structure."""
+    from .postprocessing import _foreground_box as array_foreground_box
+
     lab = sitk.GetArrayViewFromImage(labels)
-    hu = sitk.GetArrayViewFromImage(image)
+    box = array_foreground_box(lab)
+    if box is None:
+        return None
+    # everything below works inside the labels' bounding box: no full-volume temporaries
+    lab = lab[box]
+    hu = sitk.GetArrayViewFromImage(image)[box]
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
     region = lab == LABEL_VALUES["kidney"]
     if region.sum() * voxel_ml < _PARENCHYMA_MIN_ML:
         region = lab > 0
-    if not region.any():
-        return None
     median = float(np.median(hu[region]))
     if median < ENHANCED_KIDNEY_MIN_HU:
         return (f"the segmented kidneys have a median of {median:.0f} HU: this does not look like a contrast-enhanced scan "
