@@ -78,7 +78,9 @@ def enhancement_note(image: sitk.Image, labels: sitk.Image) -> Optional[str]:
 
 def _lesion_dominated_note(lab: np.ndarray, hu: np.ndarray, voxel_ml: float) -> Optional[str]:
     """The warning for a segmented kidney that is mostly 'tumor' of unenhanced density, or None."""
-    components = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray((lab > 0).astype(np.uint8)), True))
+    from .postprocessing import _components
+
+    components = _components(lab > 0)
     counts = np.bincount(components.ravel())
     tumor = lab == LABEL_VALUES["tumor"]
     tumor_counts = np.bincount(components[tumor], minlength=counts.size)
