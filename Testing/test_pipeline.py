@@ -132,8 +132,10 @@ def test_a_kidney_called_mostly_tumor_at_unenhanced_density_gets_a_warning():
     enhancing.CopyInformation(ct)
     assert enhancement_note(enhancing, labels) is None        # an enhancing tumor: no warning
     half = lab.copy()
-    half[5:20, 5:20, 5:13] = 1                                # 53 % tumor: judged by the parenchyma only
-    assert enhancement_note(ct, sitk.GetImageFromArray(half)) is None
+    half[5:20, 5:20, 5:13] = 1                                # 47 % tumor: judged by the parenchyma only
+    half_labels = sitk.GetImageFromArray(half)
+    half_labels.CopyInformation(ct)
+    assert enhancement_note(ct, half_labels) is None
 
 
 def test_kidney_cut_by_the_field_of_view(classifier_package):
