@@ -7,7 +7,6 @@ shows the whole chain working on something real.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path

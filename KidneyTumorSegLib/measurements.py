@@ -29,8 +29,7 @@ from typing import List
 import numpy as np
 import SimpleITK as sitk
 
-from KidneyTumorSegLib.labels import CYST, TUMOR
-from KidneyTumorSegLib.postprocessing import _check_labels, _components, _foreground_box, _voxel_volume_mm3
+from KidneyTumorSegLib.labels import CYST, TUMOR, check_label_image, connected_components, label_bounding_box, voxel_volume_mm3
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +54,11 @@ def measure(labels: sitk.Image) -> dict:
     ``labels_present``: sorted non-zero label values found;
     ``midline_x_lps_mm``: the x position used to split right from left.
     """
-    _check_labels(labels)
+    check_label_image(labels)
     geometry = _Geometry(labels)
     midline = geometry.image_centre_x()
     view = sitk.GetArrayViewFromImage(labels)
-    box = _foreground_box(view)
+    box = label_bounding_box(view)
     if box is None:
         return _result([], _lesion_summary([]), _lesion_summary([]), [], midline)
 
@@ -67,7 +66,7 @@ def measure(labels: sitk.Image) -> dict:
     offset = np.array([s.start for s in box])  # numpy (z, y, x) index of crop[0, 0, 0]
     present = [int(v) for v in np.unique(crop) if v != 0]
 
-    kidney_cc = _components(crop > 0)
+    kidney_cc = connected_components(crop > 0)
     zyx = np.argwhere(kidney_cc > 0)
     ids = kidney_cc[tuple(zyx.T)]
     points = geometry.physical(zyx + offset)
@@ -87,7 +86,7 @@ def measure(labels: sitk.Image) -> dict:
         _side(centroids[k, 0], left_fraction[k - 1], midline) for k in range(1, n_kidneys + 1)
     ]
 
-    voxel_ml = _voxel_volume_mm3(labels) / 1000.0
+    voxel_ml = voxel_volume_mm3(labels) / 1000.0
     tumor_counts = np.bincount(ids[values == TUMOR], minlength=n_kidneys + 1)
     cyst_counts = np.bincount(ids[values == CYST], minlength=n_kidneys + 1)
     kidneys = [
@@ -168,7 +167,7 @@ def _lesions(
 ) -> List[dict]:
     if not mask.any():
         return []
-    cc = _components(mask)
+    cc = connected_components(mask)
     zyx = np.argwhere(cc > 0)
     ids = cc[tuple(zyx.T)]
     order = np.argsort(ids, kind="stable")

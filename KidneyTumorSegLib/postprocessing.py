@@ -35,12 +35,12 @@ from typing import Any, Mapping, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from KidneyTumorSegLib.labels import BACKGROUND, CYST, KIDNEY, TUMOR
+from KidneyTumorSegLib.labels import (BACKGROUND, CYST, KIDNEY, TUMOR, check_label_image, connected_components,
+                                      label_bounding_box, voxel_volume_mm3)
 
 logger = logging.getLogger(__name__)
 
 _RELABEL_TARGETS = {"kidney": KIDNEY, "cyst": CYST, "background": BACKGROUND}
-_MAX_LABEL = CYST
 
 
 @dataclass(frozen=True)
@@ -149,14 +149,14 @@ def postprocess(
     Steps, in order: keep largest kidney components -> drop detached lesions -> intensity
     rule -> small lesions / largest tumor only -> fill holes.
     """
-    _check_labels(labels)
+    check_label_image(labels)
     if config.cyst_intensity_rule:
         if image is None:
             raise ValueError("the cyst intensity rule is on but no CT image was given (image=None)")
         _check_same_grid(labels, image)
 
     view = sitk.GetArrayViewFromImage(labels)
-    box = _foreground_box(view)
+    box = label_bounding_box(view)
     if box is None:
         out = sitk.Cast(labels, sitk.sitkUInt8) if labels.GetPixelID() != sitk.sitkUInt8 else sitk.Image(labels)
         return out
@@ -164,15 +164,15 @@ def postprocess(
     # Work on a copy of the crop only and paste it into a uint8 copy of the input: the full
     # volume is copied once, not twice (numpy copy + image copy).
     crop = np.array(view[box], dtype=np.uint8)
-    voxel_mm3 = _voxel_volume_mm3(labels)
+    voxel_mm3 = voxel_volume_mm3(labels)
 
     fg_components: Optional[np.ndarray] = None
     if config.keep_largest_kidneys:
-        fg_components = _components(crop > 0)
+        fg_components = connected_components(crop > 0)
         _keep_largest(crop, fg_components, voxel_mm3, config)
     if config.drop_detached_lesions:
         if fg_components is None:
-            fg_components = _components(crop > 0)
+            fg_components = connected_components(crop > 0)
         _drop_detached_lesions(crop, fg_components, voxel_mm3)
     if config.cyst_intensity_rule:
         hu = sitk.GetArrayViewFromImage(image)[box]
@@ -186,21 +186,6 @@ def postprocess(
     patch = sitk.GetImageFromArray(crop)
     start = [int(box[axis].start) for axis in (2, 1, 0)]
     return sitk.Paste(base, patch, patch.GetSize(), [0, 0, 0], start)
-
-
-def _check_labels(labels: sitk.Image) -> None:
-    if not isinstance(labels, sitk.Image):
-        raise TypeError(f"labels must be a SimpleITK.Image; got {type(labels).__name__}")
-    if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(
-            f"labels must be a 3D scalar image; got dimension {labels.GetDimension()} with "
-            f"{labels.GetNumberOfComponentsPerPixel()} component(s) per pixel"
-        )
-    if labels.GetPixelID() not in (
-        sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,
-        sitk.sitkUInt32, sitk.sitkInt32, sitk.sitkUInt64, sitk.sitkInt64,
-    ):
-        raise ValueError(f"labels must have an integer pixel type; got {labels.GetPixelIDTypeAsString()}")
 
 
 def _check_same_grid(labels: sitk.Image, image: sitk.Image) -> None:
@@ -220,37 +205,6 @@ def _check_same_grid(labels: sitk.Image, image: sitk.Image) -> None:
             f"direction {labels.GetDirection()}; image has size {image.GetSize()}, spacing "
             f"{image.GetSpacing()}, origin {image.GetOrigin()}, direction {image.GetDirection()}"
         )
-
-
-def _foreground_box(arr: np.ndarray) -> Optional[Tuple[slice, slice, slice]]:
-    """Bounding box of ``arr != 0`` grown by one voxel (clipped), as numpy slices; None if empty.
-
-    Max-projections avoid a full-size boolean temporary. Also rejects values outside 0..3.
-    """
-    proj_yx = arr.max(axis=0)
-    hi_val = proj_yx.max()
-    lo_val = arr.min() if np.issubdtype(arr.dtype, np.signedinteger) else 0
-    if lo_val < 0 or hi_val > _MAX_LABEL:
-        raise ValueError(f"labels must hold values 0..{_MAX_LABEL}; got values from {lo_val} to {hi_val}")
-    if hi_val == 0:
-        return None
-    proj_z = arr.max(axis=(1, 2))
-    slices = []
-    for proj in (proj_z, proj_yx.max(axis=1), proj_yx.max(axis=0)):
-        nz = np.flatnonzero(proj)
-        slices.append(slice(max(int(nz[0]) - 1, 0), min(int(nz[-1]) + 2, proj.size)))
-    return tuple(slices)  # type: ignore[return-value]
-
-
-def _voxel_volume_mm3(img: sitk.Image) -> float:
-    direction = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)
-    return float(np.prod(img.GetSpacing()) * abs(np.linalg.det(direction)))
-
-
-def _components(mask: np.ndarray) -> np.ndarray:
-    """26-connected component ids (0 = background) of a boolean (z, y, x) array."""
-    img = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))
-    return sitk.GetArrayFromImage(sitk.ConnectedComponent(img, True))
 
 
 def _keep_largest(crop: np.ndarray, cc: np.ndarray, voxel_mm3: float, config: PostprocessingConfig) -> None:
@@ -285,7 +239,7 @@ def _relabel_low_intensity_tumors(
     tumor = crop == TUMOR
     if not tumor.any():
         return
-    cc = _components(tumor)
+    cc = connected_components(tumor)
     ids = cc[tumor]
     counts = np.bincount(ids)
     sums = np.bincount(ids, weights=hu[tumor].astype(np.float64))
@@ -306,7 +260,7 @@ def _lesion_component_rules(crop: np.ndarray, voxel_mm3: float, config: Postproc
         mask = crop == label
         if not mask.any():
             continue
-        cc = _components(mask)
+        cc = connected_components(mask)
         volumes_ml = np.bincount(cc[mask]).astype(float) * voxel_mm3 / 1000.0
         to_kidney = np.zeros(volumes_ml.size, dtype=bool)
         if config.min_lesion_volume_ml > 0:

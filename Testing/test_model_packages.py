@@ -1,7 +1,6 @@
 """Model packages: manifest validation, checksums, safe loading, registry and install."""
 
 import json
-import shutil
 import zipfile
 
 import pytest

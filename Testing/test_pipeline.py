@@ -15,9 +15,8 @@ import torch
 
 from conftest import TEST_HU, classifier_manifest, ct_from_labels, dice, normalized, save_test_package, window_vb
 from KidneyTumorSegLib.errors import CancelledError
-from KidneyTumorSegLib.manifest import ModelManifest
 from KidneyTumorSegLib.networks import _REGISTRY, register
-from KidneyTumorSegLib.pipeline import Segmenter, StageOutput, stage_input_channels
+from KidneyTumorSegLib.pipeline import Segmenter, stage_input_channels
 from KidneyTumorSegLib.predictor import StagePredictor
 from KidneyTumorSegLib import geometry as geo
 from Training.phantoms import procedural_labels
@@ -91,7 +90,7 @@ def test_no_kidney_gives_an_empty_map_and_a_note(classifier_package):
 
 
 def test_a_scan_whose_kidneys_do_not_enhance_gets_a_warning(classifier_package):
-    from KidneyTumorSegLib.pipeline import ENHANCED_KIDNEY_MIN_HU, enhancement_note
+    from KidneyTumorSegLib.enhancement import ENHANCED_KIDNEY_MIN_HU, enhancement_note
 
     labels = procedural_labels(rng=np.random.default_rng(1), tumors=1, **GEOMETRIES["identity"])
     enhanced = Segmenter(classifier_package, device="cpu").segment(ct_from_labels(labels))
@@ -114,7 +113,7 @@ def test_a_scan_whose_kidneys_do_not_enhance_gets_a_warning(classifier_package):
 def test_a_kidney_called_mostly_tumor_at_unenhanced_density_gets_a_warning():
     """The failure seen on a real unenhanced CT: one kidney labelled almost all tumor at ~11 HU, and
     the parenchyma label on some other bright structure (so the parenchyma median looks enhanced)."""
-    from KidneyTumorSegLib.pipeline import ENHANCED_LESION_MIN_HU, enhancement_note
+    from KidneyTumorSegLib.enhancement import ENHANCED_LESION_MIN_HU, enhancement_note
 
     lab = np.zeros((40, 40, 40), np.uint8)
     lab[5:20, 5:20, 5:20] = 2            # a 3375-voxel kidney region

@@ -6,7 +6,6 @@ working grids, regions, paste-back, writing - puts every voxel back where it bel
 """
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
 
 from conftest import ct_from_labels, dice
