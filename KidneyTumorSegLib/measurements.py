@@ -29,7 +29,8 @@ from typing import List
 import numpy as np
 import SimpleITK as sitk
 
-from KidneyTumorSegLib.labels import CYST, TUMOR, check_label_image, connected_components, label_bounding_box, voxel_volume_mm3
+from KidneyTumorSegLib.labels import (CYST, TUMOR, check_label_image, connected_components, label_bounding_box,
+                                      voxel_volume_mm3)
 
 logger = logging.getLogger(__name__)
 
