@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .labels import LABEL_VALUES, connected_components, label_bounding_box
+from .labels import LABEL_VALUES, connected_components, label_bounding_box, voxel_volume_mm3
 
 #: below this median HU the segmented kidney parenchyma does not look contrast-enhanced (enhanced
 #: parenchyma is about 120-250 HU in the arterial to nephrographic phases, unenhanced about 20-40 HU)
@@ -36,7 +36,7 @@ def enhancement_note(image: sitk.Image, labels: sitk.Image) -> Optional[str]:
     # everything below works inside the labels' bounding box: no full-volume temporaries
     lab = lab[box]
     hu = sitk.GetArrayViewFromImage(image)[box]
-    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+    voxel_ml = voxel_volume_mm3(image) / 1000.0
     region = lab == LABEL_VALUES["kidney"]
     if region.sum() * voxel_ml < _PARENCHYMA_MIN_ML:
         region = lab > 0
