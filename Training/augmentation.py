@@ -25,6 +25,9 @@ Recipe keys (all optional; probabilities per sample):
   per sample (the same on every listed axis; 0 = x, 1 = y, 2 = z, default all) and interpolated
   back to the patch grid; labels are untouched, so the network learns to keep the anatomy it
   knows on a blurred, partial-volumed image.
+* ``synthesize`` {random_probability, phases, random_hu, texture_scale, bias_hu}: the image channel holds
+  tissue ids of a synthesis cache (:mod:`Training.synth`), turned into normalised CT with a contrast drawn
+  per sample (:class:`Training.synth.TissueSynthesizer`) before everything above; needs ``normalization``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 
 _KEYS = {"rotation_deg", "rotation_probability", "scale", "scale_probability", "elastic", "mirror_axes",
          "mirror_probability", "intensity_gain", "intensity_shift_hu", "noise_hu", "blur_sigma_voxels",
-         "blur_probability", "gamma", "gamma_probability", "low_resolution"}
+         "blur_probability", "gamma", "gamma_probability", "low_resolution", "synthesize"}
 
 
 def _rotation(angles, dims: int) -> torch.Tensor:
@@ -76,11 +79,12 @@ class Augmenter:
 
     ``spacing_xyz``: the stage's working spacing (mm, (x, y, z)); ``spatial_dims``: 3, or 2 for a
     2.5D stage; ``pad_value``: normalised air; ``image_channels``: how many leading channels are
-    image (k for 2.5D); ``norm_scale``: the normalisation's scale (HU per unit).
+    image (k for 2.5D); ``norm_scale``: the normalisation's scale (HU per unit); ``normalization``: the stage's
+    :class:`KidneyTumorSegLib.normalization.IntensityNormalization` (needed by ``synthesize``).
     """
 
     def __init__(self, spec: dict, spacing_xyz: Sequence[float], spatial_dims: int, pad_value: float,
-                 image_channels: int = 1, norm_scale: float = 1.0):
+                 image_channels: int = 1, norm_scale: float = 1.0, normalization=None):
         unknown = set(spec or {}) - _KEYS
         if unknown:
             raise ValueError(f"unknown augmentation key(s) {sorted(unknown)}; valid: {sorted(_KEYS)}")
@@ -91,6 +95,14 @@ class Augmenter:
         self.pad_value = float(pad_value)
         self.k = int(image_channels)
         self.norm_scale = float(norm_scale)
+        self.synthesizer = None
+        if self.spec.get("synthesize") is not None:
+            from .synth import TissueSynthesizer
+
+            if normalization is None or self.k != 1:
+                raise ValueError("the synthesize augmentation needs the stage's normalization and one image channel")
+            n = normalization
+            self.synthesizer = TissueSynthesizer(dict(self.spec["synthesize"]), (n.low, n.high, n.center, n.scale))
 
     @property
     def enabled(self) -> bool:
@@ -125,6 +137,7 @@ class Augmenter:
             p_low = u()
             flo, fhi = low.get("factor", [1.0, 2.0])
             low_factor = flo + (fhi - flo) * u()
+        synth_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator)) if self.synthesizer else None
 
         rot_on = (p_rot < float(s.get("rotation_probability", 0.0))) & bool(s.get("rotation_deg"))
         scale_on = (p_scale < float(s.get("scale_probability", 0.0))) & bool(s.get("scale"))
@@ -132,6 +145,8 @@ class Augmenter:
         el_on = p_el < float(el.get("probability", 0.0))
         spatial = rot_on | scale_on | el_on
         x, y = x.clone(), y.clone()
+        if self.synthesizer is not None:  # tissue ids -> CT first: interpolating ids would invent tissues
+            x = self.synthesizer(x, torch.Generator().manual_seed(synth_seed))
         if bool(spatial.any()):
             idx = torch.nonzero(spatial).flatten()
             cpu_gen = torch.Generator().manual_seed(field_seed)

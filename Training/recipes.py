@@ -431,6 +431,42 @@ _register({
     "smoke": _VBNET_SMOKE,
 })
 
+# --- synth_default: domain-randomised training (SynthSeg style) ------------------------------------------
+#: the contrast is drawn per patch by the synthesizer (Training.synth); then pose, resolution, blur and noise
+_SD_AUGMENTATION = {"synthesize": {"random_probability": 0.35, "texture_scale": 1.0, "bias_hu": 30.0,
+                                   "lesion_contrast_hu": 25.0},
+                    "noise_hu": [3.0, 40.0], "mirror_axes": [0], "mirror_probability": 0.5,
+                    "low_resolution": {"probability": 0.35, "factor": [1.0, 3.0], "axes": [2]},
+                    "blur_sigma_voxels": [0.3, 1.2], "blur_probability": 0.7,
+                    "rotation_deg": [8, 8, 20], "rotation_probability": 0.4, "scale": [0.85, 1.2], "scale_probability": 0.4,
+                    "elastic": {"probability": 0.2, "magnitude_mm": 6.0, "sigma_mm": 30.0}}
+_register({
+    "name": "synth_default",
+    "seed": "002 (VB-Net two-stage), sized for a CPU, trained on domain-randomised synthesis (SynthSeg style)",
+    "summary": "phantom_default's two-stage VB-Net trained on tissue maps of real KiTS23 label maps whose contrast, texture, "
+               "resolution and noise are drawn anew for every patch (Training/synth.py), so that it must rely on shape and "
+               "context rather than on one synthesizer's intensities.",
+    "stages": [
+        {"manifest": copy.deepcopy(RECIPES["phantom_fast"]["stages"][0]["manifest"]),
+         "training": dict(copy.deepcopy(RECIPES["phantom_fast"]["stages"][0]["training"]), epochs=120,
+                          augmentation=_SD_AUGMENTATION, validation=None)},
+        {"manifest": copy.deepcopy(RECIPES["phantom_fast"]["stages"][1]["manifest"]),
+         "training": dict(copy.deepcopy(RECIPES["phantom_fast"]["stages"][1]["training"]), epochs=240,
+                          sampler={"kind": "class_balanced"}, augmentation=_SD_AUGMENTATION, validation=None)},
+    ],
+    "postprocessing": copy.deepcopy(RECIPES["phantom_fast"]["postprocessing"]),
+    "reproduces": ["the two-resolution VB-Net scheme of seed 002 at CPU size"],
+    "leaves_out": ["1 mm fine spacing, 96^3 crops and full widths (CPU budget)",
+                   "validation during training (a tissue map has no fixed image; evaluate on the validation generator)"],
+    "choices": ["data: `python -m Training synth-preprocess` tissue maps of KiTS23 label maps (2 random bodies per case)",
+                "per patch: 35 % fully random tissue means in [-150, 450] HU (air, lung and gas stay dark), else one of four "
+                "contrast phases' priors; tumors and cysts at least 25 HU from the parenchyma (visible); texture and a 30 HU "
+                "bias field; then noise 3-40 HU, slices up to 3x thicker, blur, "
+                "rotation, scale, elastic deformation, left-right mirroring",
+                "final weights exported (no validation during training)"],
+    "smoke": _VBNET_SMOKE,
+})
+
 #: the issue's name for the Daza recipe
 ALIASES = {"deeplab3d": "daza_deeplab"}
 SEED_RECIPES = ("liu_c2f", "resunet_vnet25d", "vbnet_multires", "two_phase_vnet", "daza_deeplab")

@@ -110,11 +110,13 @@ def _create_run(recipe_name: str, data: Path, out: Path, fold: Optional[int], fo
     cache = open_cache(data, out)
     meta = cache.meta()
     resolved = resolve(recipe, meta["fingerprint"])
-    preprocess(cache, stage_manifests(resolved), progress=progress, seed=seed)
+    if not meta.get("synthetic"):  # a synthesis cache is made by synth-preprocess, stage by stage
+        preprocess(cache, stage_manifests(resolved), progress=progress, seed=seed)
     train, val = fold_split(meta["cases"], fold, folds)
     run = {
         "recipe": recipe["name"], "resolved": resolved, "cache": str(cache.root.resolve()), "dataset": meta["dataset"],
-        "phantoms": is_phantom_dataset(Path(meta["dataset"])), "fold": fold, "folds": folds,
+        "phantoms": is_phantom_dataset(Path(meta["dataset"])) or bool(meta.get("synthetic")),
+        "synthetic": meta.get("synthetic"), "fold": fold, "folds": folds,
         "train_cases": train, "val_cases": val, "seed": int(seed),
         "command": "python -m Training " + " ".join(sys.argv[1:]), "commit": git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -191,7 +193,8 @@ def train_run(recipe_name: Optional[str], data: Optional[Path], out: Path, fold:
             folders.append(cache.folder(phase["manifest"]).path)
             t, v = split_records(cache.records(phase["manifest"]), run["train_cases"], run["val_cases"])
             if not t:
-                raise InputError(f"stage {stage['name']!r}: no training volumes (do the training cases hold kidneys?)")
+                raise InputError(f"stage {stage['name']!r}: no training volumes (do the training cases hold kidneys? for a "
+                                 "synthesis cache: did synth-preprocess make this stage's volumes?)")
             train_records.append(t)
             val_records.append(v)
         init = (run.get("init_from") or {}).get("stages", {}).get(stage["name"])

@@ -168,7 +168,7 @@ class StageTrainer:
                                     self.seed, p)
         spacing = [1.0 if s is None else float(s) for s in m["spacing_mm"]]
         self.augmenter = Augmenter(t.get("augmentation") or {}, spacing, self.spatial_dims, self.pad_value,
-                                   self.in_channels, norm.scale)
+                                   self.in_channels, norm.scale, norm)
 
     # -- checkpoints ----------------------------------------------------------------------------------
     @property
@@ -274,7 +274,9 @@ class StageTrainer:
         validation = self.phases[p]["training"].get("validation") or {}
         every = max(1, int(validation.get("every_epochs", 1)))
         is_phase_end = self.epoch + 1 == self.phase_starts[p + 1] or stop
-        if self.is_main and self.val_records[p] and ((epoch_in_phase + 1) % every == 0 or is_phase_end):
+        # a synthesis cache holds tissue ids, not images: nothing to validate a network on
+        synthetic = self.augmenter.synthesizer is not None
+        if self.is_main and self.val_records[p] and not synthetic and ((epoch_in_phase + 1) % every == 0 or is_phase_end):
             val = self.validate(p, validation.get("max_cases"))
         self.epoch = self.phase_starts[p + 1] if stop else self.epoch + 1
         record = {"stage": self.name, "phase": p, "epoch": self.epoch, "train_loss": loss, "lr": lr,

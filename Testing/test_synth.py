@@ -1,0 +1,167 @@
+"""Domain-randomised synthesis (Training/synth.py): tissue maps that keep the real label geometry, intensities drawn
+per patch from the phase priors or at random, the ``synthesize`` augmentation, and a synthesis cache trained and
+exported end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from KidneyTumorSegLib.labels import CYST, KIDNEY, TUMOR
+from KidneyTumorSegLib.normalization import IntensityNormalization
+from Training.augmentation import Augmenter
+from Training.phantom_anatomy import Grid, Tissue, procedural_labels
+from Training.recipes import get_recipe, resolve
+from Training.runs import stage_manifests
+from Training.synth import (NUM_TISSUES, PHASES, SynthTissue, TissueSynthesizer, case_frame, synth_stage_volumes,
+                            tissue_map)
+
+torch.set_num_threads(1)
+KIDNEY_PARTS = (SynthTissue.CORTEX, SynthTissue.MEDULLA, SynthTissue.SINUS_FAT, SynthTissue.COLLECTING,
+                SynthTissue.RENAL_VESSEL)
+TUMOR_PARTS = (SynthTissue.TUMOR, SynthTissue.TUMOR_B, SynthTissue.NECROSIS, SynthTissue.CALCIFICATION)
+WINDOW = (-200.0, 500.0, 150.0, 350.0)
+
+
+def _labels(seed=3, direction=None):
+    return procedural_labels((80, 72, 48), (4.0, 4.0, 5.0), rng=np.random.default_rng(seed), tumors=1, cysts=1,
+                             direction=direction)
+
+
+def test_tissue_map_keeps_every_label_in_its_own_tissues():
+    img = _labels()
+    lab = sitk.GetArrayFromImage(img)
+    grid = Grid.of(img)
+    T = tissue_map(lab, grid, case_frame(img), np.random.default_rng(0))
+    assert T.shape == lab.shape and T.dtype == np.int8 and T.min() >= 0 and T.max() < NUM_TISSUES
+    assert np.isin(T[lab == KIDNEY], KIDNEY_PARTS).all()
+    assert np.isin(T[lab == TUMOR], TUMOR_PARTS).all()
+    assert (T[lab == CYST] == SynthTissue.CYST).all()
+    outside = T[lab == 0]
+    assert not np.isin(outside, KIDNEY_PARTS + TUMOR_PARTS + (SynthTissue.CYST,)).any()
+    # the kidney's outer shell is cortex and the body around it is there: fat, muscle, bone, organs
+    assert (T[lab == KIDNEY] == SynthTissue.CORTEX).mean() > 0.3
+    assert {Tissue.FAT, Tissue.MUSCLE, Tissue.CORTICAL_BONE} <= set(np.unique(outside).tolist())
+
+
+def test_stage_volumes_follow_the_truth_on_a_permuted_grid():
+    # KiTS-style storage: slice axis first, permuted direction; the stage grid is canonical (LPS-aligned)
+    direction = (0, 0, 1, 0, 1, 0, -1, 0, 0)
+    img = procedural_labels((48, 72, 80), (5.0, 4.0, 4.0), rng=np.random.default_rng(3), tumors=1, direction=direction)
+    manifests = {m["name"]: m for m in stage_manifests(resolve(get_recipe("synth_default"), {"has_cyst": True}))}
+    frame = case_frame(img)
+    fine = synth_stage_volumes(manifests["fine"], img, frame, np.random.default_rng(1))
+    assert 1 <= len(fine) <= 2
+    total_kidney = 0
+    for tissues, target in fine:
+        assert tissues.shape == (1,) + target.shape and tissues.dtype == np.int8
+        assert np.isin(tissues[0][target == 1], KIDNEY_PARTS).all()  # kidney class <- kidney tissues
+        assert np.isin(tissues[0][target == 2], TUMOR_PARTS).all()
+        total_kidney += int((target > 0).sum()) * 8  # 2 mm voxels
+    truth_mm3 = float((sitk.GetArrayViewFromImage(img) > 0).sum()) * 5 * 4 * 4
+    assert total_kidney == pytest.approx(truth_mm3, rel=0.15)
+    (coarse, target), = synth_stage_volumes(manifests["coarse"], img, frame, np.random.default_rng(1))
+    # the whole image at 6 mm on the canonical (z, y, x) axes: z from index axis 0 (48 x 5 mm), y from axis 1
+    # (72 x 4 mm), x from axis 2 (80 x 4 mm = 320 mm -> ceil(53.3))
+    assert target.shape == (40, 48, 54)
+    # left kidney (LPS +x) lies at larger x index than the right one in the canonical array
+    xs = np.nonzero(target)[2]
+    assert xs.max() - xs.min() > 20
+
+
+def test_synthesizer_is_reproducible_and_draws_phase_priors():
+    T = torch.full((1, 1, 8, 8, 8), float(SynthTissue.CORTEX))
+    T[..., :4] = float(Tissue.AIR)
+    syn = TissueSynthesizer({"random_probability": 0.0, "phases": ["unenhanced"], "texture_scale": 0.0, "bias_hu": 0.0},
+                            WINDOW)
+    a = syn(T, torch.Generator().manual_seed(5))
+    b = syn(T, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    hu = a * WINDOW[3] + WINDOW[2]
+    lo, hi = PHASES["unenhanced"]["cortex"]
+    assert lo - 1e-3 <= float(hu[..., 4:].mean()) <= hi + 1e-3 and float(hu[..., 4:].std()) < 1e-3
+    assert torch.allclose(hu[..., :4], torch.tensor(-200.0))  # air, clipped to the window
+    arterial = TissueSynthesizer({"random_probability": 0.0, "phases": ["arterial"], "texture_scale": 0.0, "bias_hu": 0.0},
+                                 WINDOW)
+    cortex = [float(arterial(T, torch.Generator().manual_seed(s))[..., 4:].mean()) * WINDOW[3] + WINDOW[2] for s in range(20)]
+    assert min(cortex) >= PHASES["arterial"]["cortex"][0] - 1e-3 and max(cortex) > PHASES["unenhanced"]["cortex"][1] + 50
+
+
+def test_random_contrast_varies_tissues_but_keeps_air_dark():
+    T = torch.zeros((1, 1, 4, 4, 8))
+    T[..., 4:] = float(Tissue.LIVER)
+    syn = TissueSynthesizer({"random_probability": 1.0, "texture_scale": 0.0, "bias_hu": 0.0}, WINDOW)
+    liver = []
+    for s in range(30):
+        out = syn(T, torch.Generator().manual_seed(s)) * WINDOW[3] + WINDOW[2]
+        assert torch.allclose(out[..., :4], torch.tensor(-200.0))
+        liver.append(float(out[..., 4:].mean()))
+    assert min(liver) < 0 and max(liver) > 300  # spans the random range [-150, 450] HU
+    with pytest.raises(ValueError, match="unknown synthesize key"):
+        TissueSynthesizer({"contrast": 1}, WINDOW)
+    with pytest.raises(ValueError, match="phases"):
+        TissueSynthesizer({"phases": ["late"]}, WINDOW)
+
+
+def test_augmenter_synthesizes_before_the_spatial_transform_and_keeps_labels_aligned():
+    T = torch.full((2, 1, 16, 16, 16), float(Tissue.FAT))
+    T[:, :, 4:12, 4:12, 4:12] = float(SynthTissue.CORTEX)
+    T[:, :, 0] = -1.0  # the sampler's padding: air
+    y = (T[:, 0] == float(SynthTissue.CORTEX)).to(torch.uint8)
+    norm = IntensityNormalization.from_dict({"kind": "window", "low": -200.0, "high": 500.0, "center": 150.0, "scale": 350.0})
+    spec = {"synthesize": {"random_probability": 0.0, "phases": ["venous"], "texture_scale": 0.0, "bias_hu": 0.0},
+            "rotation_deg": [0, 0, 90], "rotation_probability": 1.0}
+    aug = Augmenter(spec, (2.0, 2.0, 2.0), 3, -1.0, 1, 350.0, norm)
+    x2, y2 = aug(T, y, torch.Generator().manual_seed(0))
+    assert torch.equal(T[:, 0] == float(SynthTissue.CORTEX), y.bool())  # inputs untouched
+    hu = x2[:, 0] * 350.0 + 150.0
+    inside, outside = hu[y2.bool()], hu[~y2.bool() & (hu > -150)]
+    assert float(inside.min()) > float(outside.max())  # venous cortex brighter than fat, where the labels went
+    with pytest.raises(ValueError, match="normalization"):
+        Augmenter(spec, (2.0, 2.0, 2.0), 3, -1.0, 1, 350.0, None)
+
+
+def test_synthesis_cache_trains_and_exports_a_loadable_model(tmp_path):
+    from KidneyTumorSegLib.models import load_package
+    from KidneyTumorSegLib.pipeline import Segmenter
+    from Training.cli import main
+
+    labels_dir = tmp_path / "labels"
+    for n in (1, 2):
+        (labels_dir / f"case_{n:05d}").mkdir(parents=True)
+        sitk.WriteImage(_labels(seed=n), str(labels_dir / f"case_{n:05d}" / "segmentation.nii.gz"))
+    cache = tmp_path / "cache"
+    assert main(["--quiet", "synth-preprocess", "--labels", str(labels_dir), "--recipe", "synth_default", "--smoke",
+                 "--out", str(cache), "--variants", "2"]) == 0
+    meta = json.loads((cache / "cache.json").read_text())
+    assert meta["synthetic"]["variants"] == 2 and meta["cases"] == [1, 2]
+    run = tmp_path / "run"
+    assert main(["--quiet", "train", "--recipe", "synth_default", "--smoke", "--data", str(cache), "--out", str(run),
+                 "--fold", "all"]) == 0
+    record = json.loads((run / "run.json").read_text())
+    assert record["phantoms"] is True and record["synthetic"]["kind"] == "synthseg_tissue_maps"
+    assert main(["--quiet", "export", "--run", str(run), "--out", str(tmp_path / "pkg")]) == 0
+    package = load_package(str(tmp_path / "pkg"))
+    ct = sitk.Cast(sitk.GetImageFromArray(np.full((24, 32, 32), 40, np.int16)), sitk.sitkInt16)
+    ct.SetSpacing((4.0, 4.0, 5.0))
+    result = Segmenter(package, device="cpu").segment(ct)
+    assert result.labels.GetSize() == ct.GetSize()
+
+
+def test_lesions_are_kept_visible_against_the_parenchyma():
+    syn = TissueSynthesizer({"random_probability": 0.5, "lesion_contrast_hu": 25.0}, WINDOW)
+    plain = TissueSynthesizer({"random_probability": 0.5}, WINDOW)
+    closest, closest_plain = [], []
+    for s in range(200):
+        for tab, out in ((syn, closest), (plain, closest_plain)):
+            mu, _ = tab.means(torch.Generator().manual_seed(s))
+            k = mu[[SynthTissue.CORTEX, SynthTissue.MEDULLA]]
+            for t in (SynthTissue.TUMOR, SynthTissue.TUMOR_B, SynthTissue.CYST):
+                out.append(float((mu[t] - k).abs().min()))
+    assert min(closest) >= 25.0 - 1e-3
+    assert min(closest_plain) < 25.0  # without the rule some lesions are nearly iso-dense

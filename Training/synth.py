@@ -1,0 +1,451 @@
+"""Domain-randomised training data in the style of SynthSeg (Billot et al., "SynthSeg: segmentation of brain MRI
+scans of any contrast and resolution without retraining", Medical Image Analysis 2023).
+
+The phantoms of :mod:`Training.phantoms` give every case one fixed intensity model; a network trained on them learns
+that model (0.93 kidney Dice on its own phantoms, about 0.35 on real CT). Here the intensity model is drawn anew for
+every training patch, so that no intensity, contrast, texture or resolution can be relied on, only shape and context:
+
+1. **Tissue maps** (:func:`tissue_map`, made once per case, stage region and variant by :func:`synth_stage_volumes`): a
+   real KiTS label map resampled onto a stage's working grid, its kidneys split into cortex, medulla, renal sinus fat,
+   collecting system and hilar vessels, its tumors into two enhancement compartments, necrosis and calcification,
+   cysts kept, and the abdomen around them from :func:`Training.phantom_anatomy.body_tissues` (liver, spleen, bowel
+   with gas and contrast, psoas, spine, ribs, aorta / IVC, fat, lung bases, heart), with renal vessels from each
+   hilum to the aorta / IVC, a scanner table under the patient and, sometimes, arms beside the body. Stored as int8
+   tissue ids in the usual cache layout (:mod:`Training.preprocess`), so sampling, folds and training are unchanged.
+2. **Intensities on the fly** (:class:`TissueSynthesizer`, the ``synthesize`` augmentation key, run first on every
+   batch): each tissue's mean HU, spread and texture are drawn per patch, either from a contrast phase's broad
+   physiological priors (unenhanced, arterial / corticomedullary, portal-venous / nephrographic, delayed /
+   excretory; cortex-medulla contrast from none to strong; tumor from hypo- to hyper-dense against parenchyma) or,
+   with ``random_probability``, uniformly over the soft-tissue window for every non-air tissue (SynthSeg's fully
+   random contrast); a smooth additive bias field follows. The recipe's ordinary augmentation then adds pose,
+   resolution (slice thickness), blur and noise.
+
+Tissue ids <0 or unknown (the sampler's padding) are air. The labels the network learns come from the KiTS label
+map, never from the tissue map.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from enum import IntEnum
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from KidneyTumorSegLib import geometry as geo
+from KidneyTumorSegLib.errors import InputError
+from KidneyTumorSegLib.labels import CYST, KIDNEY, TUMOR
+from KidneyTumorSegLib.pipeline import StageOutput, stage_regions
+
+from .dataset import case_name, list_cases, read_labels, LABELS_NAME
+from .phantom_anatomy import Grid, Tissue, body_tissues, estimate_frame, frame_from_grid, smooth_noise
+
+__all__ = ["SynthTissue", "tissue_map", "synth_stage_volumes", "preprocess_synth", "TissueSynthesizer", "PHASES"]
+
+
+class SynthTissue(IntEnum):
+    """Tissue ids of a synthesis tissue map: :class:`Tissue` (0-15) plus the kidney's parts and the scanner."""
+
+    CORTEX = 16
+    MEDULLA = 17
+    SINUS_FAT = 18
+    COLLECTING = 19
+    RENAL_VESSEL = 20
+    TUMOR = 21
+    TUMOR_B = 22
+    NECROSIS = 23
+    CALCIFICATION = 24
+    CYST = 25
+    TABLE = 26
+    ARM_MUSCLE = 27
+    ARM_BONE = 28
+
+
+NUM_TISSUES = 29
+_T = {t.name.lower(): int(t) for t in Tissue}
+_T.update({t.name.lower(): int(t) for t in SynthTissue})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tissue maps
+
+
+def _identity_grid(grid: geo.Grid) -> Grid:
+    """The stage grid as a phantom-anatomy grid (needs the identity direction of an axis-aligned canonical frame)."""
+    if not np.allclose(np.asarray(grid.direction, float).reshape(3, 3), np.eye(3), atol=1e-6):
+        raise InputError("synthesis tissue maps need an axis-aligned scan (a canonical direction equal to the identity); "
+                         f"got direction {tuple(round(d, 4) for d in grid.direction)}")
+    return Grid(tuple(int(s) for s in grid.size), tuple(float(s) for s in grid.spacing),
+                tuple(float(o) for o in grid.origin), tuple(float(d) for d in grid.direction))
+
+
+def _depth(mask: np.ndarray, grid: Grid) -> np.ndarray:
+    """Distance (mm) inside ``mask`` to its surface (negative outside)."""
+    img = grid.image(mask.astype(np.uint8))
+    return sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(img, insideIsPositive=True, squaredDistance=False,
+                                                               useImageSpacing=True)).astype(np.float32)
+
+
+def _kidney_parts(T: np.ndarray, lab: np.ndarray, grid: Grid, frame, rng: np.random.Generator) -> list:
+    """Paint cortex / medulla / sinus / collecting system / hilar vessels into ``T`` where ``lab`` is kidney (or cyst,
+    whose value is painted later); returns each kidney side's hilum point (LPS mm) for the renal vessels."""
+    s = frame.scale
+    h = min(grid.spacing)
+    tissue = (lab == KIDNEY) | (lab == CYST)
+    if not tissue.any():
+        return []
+    whole = lab > 0
+    depth = _depth(whole, grid)
+    cortex_mm = rng.uniform(4, 9) * s
+    pattern = smooth_noise(grid, max(3.5 * s, h), rng)
+    level = rng.uniform(-0.6, 0.0)
+    T[tissue] = SynthTissue.CORTEX
+    T[tissue & (depth > cortex_mm) & (pattern > level)] = SynthTissue.MEDULLA
+    x, y, z = grid.axis_coords()
+    fine = smooth_noise(grid, max(1.5 * s, h), rng)
+    hila = []
+    voxel_ml = float(np.prod(grid.spacing)) / 1000.0
+    for side in (1.0, -1.0):
+        m = tissue & ((x - frame.x) * side > 0)
+        n = int(m.sum())
+        if n * voxel_ml < 10.0 * s ** 3:
+            continue
+        mean, semi = [], []
+        for axis, coord in ((2, x.ravel()), (1, y.ravel()), (0, z.ravel())):
+            proj = m.sum(axis=tuple(a for a in range(3) if a != axis)).astype(np.float64)
+            mu = float(proj @ coord / n)
+            mean.append(mu)
+            semi.append(math.sqrt(max(5.0 * float(proj @ (coord - mu) ** 2 / n), h ** 2)))
+        hx, hy, hz = mean[0] - side * 0.5 * semi[0], mean[1] - 0.15 * semi[1], mean[2]
+        q = ((x - hx) / (0.45 * semi[0])) ** 2 + ((y - hy) / (0.5 * semi[1])) ** 2 + ((z - hz) / (0.45 * semi[2])) ** 2
+        sinus = m & (q < rng.uniform(0.7, 1.1)) & (depth > 0.8 * cortex_mm)
+        T[sinus] = SynthTissue.SINUS_FAT
+        T[sinus & (q < rng.uniform(0.15, 0.4))] = SynthTissue.COLLECTING
+        T[sinus & (fine > rng.uniform(0.8, 1.4))] = SynthTissue.RENAL_VESSEL
+        hila.append(np.array([hx - side * 0.5 * semi[0], hy, hz]))
+    return hila
+
+
+def _tumor_parts(T: np.ndarray, lab: np.ndarray, grid: Grid, frame, rng: np.random.Generator) -> None:
+    m = lab == TUMOR
+    if not m.any():
+        return
+    s, h = frame.scale, min(grid.spacing)
+    T[m] = SynthTissue.TUMOR
+    het = smooth_noise(grid, max(rng.uniform(4, 10) * s, h), rng)
+    T[m & (het > rng.uniform(-0.5, 1.5))] = SynthTissue.TUMOR_B
+    if rng.random() < 0.4:
+        depth = _depth(m, grid)
+        deepest = float(depth.max())
+        if deepest > 6.0 * s:
+            T[m & (depth + 2.0 * s * het > rng.uniform(0.35, 0.65) * deepest)] = SynthTissue.NECROSIS
+    if rng.random() < 0.08:
+        spots = smooth_noise(grid, max(1.5 * s, h), rng)
+        T[m & (spots > 2.3)] = SynthTissue.CALCIFICATION
+
+
+def _tube(T: np.ndarray, grid: Grid, a: np.ndarray, b: np.ndarray, radius: float, value: int, where: np.ndarray) -> None:
+    """Paint the segment a-b (LPS mm) of ``radius`` mm as ``value`` where ``where`` allows."""
+    x, y, z = grid.axis_coords()
+    d = b - a
+    L2 = float(d @ d)
+    if L2 < 1e-6:
+        return
+    t = np.clip(((x - a[0]) * d[0] + (y - a[1]) * d[1] + (z - a[2]) * d[2]) / L2, 0.0, 1.0)
+    dist2 = (x - a[0] - t * d[0]) ** 2 + (y - a[1] - t * d[1]) ** 2 + (z - a[2] - t * d[2]) ** 2
+    T[(dist2 <= radius ** 2) & where] = value
+
+
+def _vessels(T: np.ndarray, grid: Grid, hila: list, frame, rng: np.random.Generator) -> None:
+    """Renal artery (to the aorta) and vein (to the IVC) from each hilum, through fat only."""
+    soft = np.isin(T, (Tissue.FAT, Tissue.BOWEL_WALL, Tissue.MUSCLE))
+    for p in hila:
+        for target, tissue, r in (("aorta", Tissue.AORTA, rng.uniform(2.0, 3.5)), ("ivc", Tissue.IVC, rng.uniform(3.0, 5.5))):
+            where = T == tissue
+            if not where.any():
+                continue
+            x, y, z = grid.axis_coords()
+            k = int(np.clip(round((p[2] - grid.origin[2]) / grid.spacing[2]), 0, grid.size[2] - 1))
+            sl = where[k]
+            if not sl.any():
+                continue
+            jj, ii = np.nonzero(sl)
+            q = np.array([float(x[0, 0, ii].mean()), float(y[0, jj, 0].mean()), p[2] + rng.normal(0, 5)])
+            _tube(T, grid, p, q, r * frame.scale ** 0.5, int(tissue), soft | (T == SynthTissue.SINUS_FAT))
+
+
+def _table_and_arms(T: np.ndarray, grid: Grid, frame, rng: np.random.Generator) -> None:
+    """A curved scanner table posterior of the body and, in 30 % of maps, arms beside the body."""
+    body = T != Tissue.AIR
+    if not body.any():
+        return
+    x, y, z = grid.axis_coords()
+    back = float(y[0, :, 0][np.nonzero(body.any(axis=(0, 2)))[0].max()])  # most posterior body point
+    gap, thick, width = rng.uniform(0, 30), rng.uniform(4, 15), rng.uniform(180, 260) * frame.scale
+    curve = rng.uniform(0.0, 0.002)
+    dx = x - frame.x
+    top = back + gap + curve * dx ** 2 * -1.0
+    table = (y >= top) & (y <= top + thick) & (np.abs(dx) <= width) & (T == Tissue.AIR)
+    T[np.broadcast_to(table, T.shape)] = SynthTissue.TABLE
+    if rng.random() < 0.3:
+        s = frame.scale
+        half_width = float(np.abs(x[0, 0, :][np.nonzero(body.any(axis=(0, 1)))[0]] - frame.x).max())
+        yc = frame.y + rng.normal(0, 20) * s
+        for side in (1.0, -1.0):
+            cx = frame.x + side * (half_width + rng.uniform(15, 50) * s)
+            a, b = rng.uniform(35, 50) * s, rng.uniform(35, 50) * s
+            arm = ((x - cx) / a) ** 2 + ((y - yc) / b) ** 2 <= 1.0
+            bone = ((x - cx) / (0.25 * a)) ** 2 + ((y - yc) / (0.25 * b)) ** 2 <= 1.0
+            fat = arm & ~(((x - cx) / (0.8 * a)) ** 2 + ((y - yc) / (0.8 * b)) ** 2 <= 1.0)
+            free = T == Tissue.AIR
+            T[np.broadcast_to(arm, T.shape) & free] = SynthTissue.ARM_MUSCLE
+            T[np.broadcast_to(fat, T.shape) & free] = Tissue.FAT
+            T[np.broadcast_to(bone, T.shape) & free] = SynthTissue.ARM_BONE
+
+
+def tissue_map(labels: np.ndarray, grid: Grid, frame, rng: np.random.Generator) -> np.ndarray:
+    """Tissue ids (int8, array (z, y, x)) for ``labels`` (uint8 KiTS labels on ``grid``, an identity-direction grid
+    in LPS mm) with the body of ``frame`` around them (see the module text)."""
+    T = body_tissues(grid, frame, rng).astype(np.int8)
+    fg = labels > 0
+    T[fg] = Tissue.FAT  # what the labels do not cover inside their box stays fat
+    hila = _kidney_parts(T, labels, grid, frame, rng)
+    _tumor_parts(T, labels, grid, frame, rng)
+    T[labels == CYST] = SynthTissue.CYST
+    # organs of the procedural body must not overlap the real kidneys: a 3 mm rim of perirenal fat
+    if fg.any():
+        near = _depth(~fg, grid)
+        T[(near > 0) & (near <= 3.0) & ~np.isin(T, (Tissue.AIR, Tissue.LUNG, Tissue.BONE, Tissue.CORTICAL_BONE))] = Tissue.FAT
+    _vessels(T, grid, hila, frame, rng)
+    _table_and_arms(T, grid, frame, rng)
+    return T
+
+
+def synth_stage_volumes(stage_manifest: dict, labels: sitk.Image, frame, rng: np.random.Generator
+                        ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Training volumes of one case for one stage: ``[(tissue ids int8 [1, z, y, x], target uint8 [z, y, x])]``,
+    one per region of :func:`KidneyTumorSegLib.pipeline.stage_regions` with the truth as the previous result (as
+    :func:`Training.preprocess.stage_volumes` does for CT), on the stage's canonical working grid."""
+    from .preprocess import _stage_and_manifest, class_lookup
+
+    stage, _ = _stage_and_manifest(stage_manifest)
+    spacing = geo.stage_spacing(labels, stage.spacing_mm)
+    truth = StageOutput(labels)
+    boxes = stage_regions(stage, labels, truth if stage.region.kind != "whole" else None, spacing)
+    canonical, _, _ = geo.canonical_axes(labels.GetDirection())
+    lookup = class_lookup(list(stage.classes))
+    out = []
+    for box in boxes:
+        grid = geo.grid_for_box(box, spacing, canonical)
+        lab = sitk.GetArrayFromImage(geo.resample(labels, grid, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+        T = tissue_map(lab, _identity_grid(grid), frame, rng)
+        out.append((T[None], lookup[lab]))
+    return out
+
+
+def case_frame(labels: sitk.Image):
+    """The body frame (midline, kidneys' level, anatomy scale) of a label map, from its labels on a 4 mm grid."""
+    full = Grid.of(labels)
+    corners = full.corners()
+    coarse = Grid.aligned(corners.min(0), corners.max(0), 4.0)
+    kid = coarse.resample(labels, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    if not np.any(sitk.GetArrayViewFromImage(kid)):
+        return frame_from_grid(full)
+    return estimate_frame(kid, full)
+
+
+def preprocess_synth(cache_root: Path, stage_manifests: Sequence[dict], labels_dir: Path, cases: Optional[Sequence[int]],
+                     variants: int = 2, seed: int = 0, progress: Optional[Callable[[int, int, str], None]] = None) -> dict:
+    """A preprocessing cache of synthesis tissue maps: for every case of ``labels_dir`` (KiTS layout, label maps only)
+    and each of ``variants`` random bodies, each stage's volumes (:func:`synth_stage_volumes`), in the layout of
+    :class:`Training.preprocess.Cache` (records of one case's variants share its case number, so they form one
+    sampling unit and one fold member). Cases already there are kept. Returns ``{spec folder: volumes}``."""
+    from .preprocess import Cache, SpecFolder, _where, input_spec, spec_key
+
+    if variants < 1:
+        raise InputError(f"--variants must be >= 1, got {variants}")
+    listed = list_cases(Path(labels_dir), cases, image_name=LABELS_NAME)
+    cache = Cache(Path(cache_root))
+    numbers = [c.number for c in listed]
+    if cache.exists():
+        meta = cache.meta()
+        if not meta.get("synthetic") or Path(meta["dataset"]).resolve() != Path(labels_dir).resolve() \
+                or meta["cases"] != numbers:
+            raise InputError(f"{cache.root} already holds another cache ({meta['dataset']}, {len(meta['cases'])} cases)")
+    else:
+        meta = {"dataset": str(Path(labels_dir).resolve()), "cases": numbers, "specs": {},
+                "fingerprint": {"has_cyst": True, "source": "synthesis tissue maps of KiTS label maps"},
+                "synthetic": {"kind": "synthseg_tissue_maps", "variants": int(variants), "seed": int(seed),
+                              "num_tissues": NUM_TISSUES}}
+        cache.write_meta(meta)
+    specs = {}
+    for m in stage_manifests:
+        specs.setdefault(spec_key(m), m)
+    t0 = time.perf_counter()
+    for i, case in enumerate(listed):
+        name = case_name(case.number)
+        todo = [k for k in specs if name not in SpecFolder(cache.root / k).index().get("cases", {})]
+        if todo:
+            labels = read_labels(case)
+            frame = case_frame(labels)
+            for key in todo:
+                folder = SpecFolder(cache.root / key)
+                folder.path.mkdir(parents=True, exist_ok=True)
+                index = folder.index() or {"spec": input_spec(specs[key]), "cases": {}, "augmented": []}
+                records = []
+                num_classes = len(specs[key]["classes"])
+                for v in range(variants):
+                    rng = np.random.default_rng([int(seed), int(case.number), v, int(key.rsplit("-", 1)[1], 16) % 100003])
+                    for r, (tissues, target) in enumerate(synth_stage_volumes(specs[key], labels, frame, rng)):
+                        stem = f"{name}_v{v}_r{r}"
+                        np.save(folder.path / f"{stem}_image.npy", tissues)
+                        np.save(folder.path / f"{stem}_target.npy", target)
+                        np.savez(folder.path / f"{stem}_where.npz", **_where(target, num_classes, rng))
+                        records.append({"case": int(case.number), "region": r, "stem": stem, "shape": list(target.shape),
+                                        "channels": 1, "variant": v,
+                                        "class_voxels": [int(c) for c in np.bincount(target.ravel(), minlength=num_classes)],
+                                        "info": {"has_cyst": bool((target == 3).any())}, "augmented_from": None})
+                index["cases"][name] = records
+                folder.write_index(index)
+        if progress is not None:
+            progress(i + 1, len(listed), name)
+    meta = cache.meta()
+    for key, m in specs.items():
+        meta["specs"][key] = input_spec(m)
+    cache.write_meta(meta)
+    return {key: len(cache.records(m)) for key, m in specs.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# intensities on the fly
+
+#: per contrast phase, (low, high) HU of each tissue's mean; tissues missing from a phase take ``_COMMON``
+_COMMON = {"air": (-1010, -980), "fat": (-125, -75), "muscle": (35, 70), "lung": (-900, -750), "bowel_gas": (-1010, -900),
+           "bone": (130, 350), "cortical_bone": (450, 1100), "disc": (60, 110), "csf": (0, 20), "sinus_fat": (-110, -30),
+           "cyst": (-5, 20), "calcification": (300, 900), "table": (-600, 300), "arm_muscle": (35, 70),
+           "arm_bone": (400, 1100), "necrosis": (5, 35), "bowel_content": (0, 40)}
+PHASES = {
+    "unenhanced": {"cortex": (20, 45), "medulla": (20, 45), "collecting": (0, 20), "renal_vessel": (30, 55),
+                   "tumor": (15, 60), "tumor_b": (15, 60), "liver": (45, 75), "spleen": (40, 60), "heart": (30, 55),
+                   "aorta": (30, 55), "ivc": (30, 55), "bowel_wall": (30, 55)},
+    "arterial": {"cortex": (140, 320), "medulla": (50, 130), "collecting": (0, 25), "renal_vessel": (200, 450),
+                 "tumor": (40, 280), "tumor_b": (30, 200), "liver": (55, 95), "spleen": (80, 180), "heart": (180, 400),
+                 "aorta": (200, 450), "ivc": (50, 150), "bowel_wall": (60, 130)},
+    "venous": {"cortex": (130, 240), "medulla": (110, 230), "collecting": (0, 30), "renal_vessel": (130, 240),
+               "tumor": (40, 200), "tumor_b": (30, 170), "liver": (90, 150), "spleen": (95, 150), "heart": (120, 220),
+               "aorta": (130, 230), "ivc": (110, 210), "bowel_wall": (60, 120)},
+    "delayed": {"cortex": (80, 160), "medulla": (90, 170), "collecting": (200, 1200), "renal_vessel": (70, 140),
+                "tumor": (35, 130), "tumor_b": (30, 120), "liver": (70, 115), "spleen": (70, 110), "heart": (70, 130),
+                "aorta": (70, 140), "ivc": (70, 140), "bowel_wall": (50, 100)},
+}
+#: texture amplitude (HU, the largest sd drawn) per tissue; unlisted tissues 15
+_TEXTURE = {"air": 3, "lung": 40, "bowel_gas": 20, "bone": 60, "cortical_bone": 120, "arm_bone": 100, "calcification": 100,
+            "collecting": 40, "bowel_content": 30, "tumor": 30, "tumor_b": 30, "table": 60}
+#: tissues that stay dark (air-filled) in the random mode too: the one intensity fact every CT shares
+_DARK = ("air", "lung", "bowel_gas")
+_NAMES = sorted(_T, key=lambda k: _T[k])
+
+
+def _prior_table(phase: str) -> torch.Tensor:
+    table = torch.zeros(NUM_TISSUES, 2)
+    priors = dict(_COMMON, **PHASES[phase])
+    for name, value in _T.items():
+        table[value] = torch.tensor(priors.get(name, _COMMON.get(name, (40.0, 60.0))), dtype=torch.float32)
+    return table
+
+
+class TissueSynthesizer:
+    """Maps tissue-id patches ``x [B, 1, *S]`` to normalised CT patches (see the module text).
+
+    ``spec`` (the recipe's ``synthesize`` augmentation block): ``random_probability`` (fully random contrast, default
+    0.35), ``phases`` (the phase names to draw from, default all four), ``random_hu`` [low, high] (range of the random
+    mode, default [-150, 450]), ``texture_scale`` (multiplies the texture amplitudes, default 1), ``bias_hu`` (largest
+    bias-field amplitude, default 30), ``lesion_contrast_hu`` (default 0: off): tumor and cyst means at least this far
+    from both kidney parenchyma means (moved away from their mean where they are closer) — a lesion the network is
+    taught to find must be visible, or it learns to invent lesions in homogeneous kidneys.
+    ``window``: the stage normalisation's (low, high, center, scale).
+    """
+
+    KEYS = {"random_probability", "phases", "random_hu", "texture_scale", "bias_hu", "lesion_contrast_hu"}
+
+    def __init__(self, spec: dict, window: Sequence[float]):
+        unknown = set(spec) - self.KEYS
+        if unknown:
+            raise ValueError(f"unknown synthesize key(s) {sorted(unknown)}; valid: {sorted(self.KEYS)}")
+        self.random_probability = float(spec.get("random_probability", 0.35))
+        self.phases = list(spec.get("phases", list(PHASES)))
+        bad = [p for p in self.phases if p not in PHASES]
+        if bad or not self.phases:
+            raise ValueError(f"synthesize.phases must name some of {list(PHASES)}, got {self.phases}")
+        self.random_hu = tuple(float(v) for v in spec.get("random_hu", (-150.0, 450.0)))
+        self.texture_scale = float(spec.get("texture_scale", 1.0))
+        self.bias_hu = float(spec.get("bias_hu", 30.0))
+        self.lesion_contrast_hu = float(spec.get("lesion_contrast_hu", 0.0))
+        self.low, self.high, self.center, self.scale = (float(v) for v in window)
+        self.priors = {p: _prior_table(p) for p in PHASES}
+        self.amp = torch.tensor([float(_TEXTURE.get(n, 15)) for n in _NAMES]) * self.texture_scale
+        self.dark = torch.tensor([n in _DARK for n in _NAMES])
+
+    def means(self, generator: torch.Generator) -> tuple[torch.Tensor, str]:
+        """One patch's tissue means (HU, [NUM_TISSUES]) and the mode they came from (a phase name or ``random``)."""
+        r = torch.rand(3, generator=generator)
+        if float(r[0]) < self.random_probability:
+            lo, hi = self.random_hu
+            mu = lo + (hi - lo) * torch.rand(NUM_TISSUES, generator=generator)
+            dark = self.priors["venous"][:, 0] + (self.priors["venous"][:, 1] - self.priors["venous"][:, 0]) * torch.rand(
+                NUM_TISSUES, generator=generator)
+            mu = torch.where(self.dark, dark, mu)
+            return self._visible_lesions(mu), "random"
+        phase = self.phases[min(int(float(r[1]) * len(self.phases)), len(self.phases) - 1)]
+        t = self.priors[phase]
+        mu = t[:, 0] + (t[:, 1] - t[:, 0]) * torch.rand(NUM_TISSUES, generator=generator)
+        return self._visible_lesions(mu), phase
+
+    def _visible_lesions(self, mu: torch.Tensor) -> torch.Tensor:
+        c = self.lesion_contrast_hu
+        if c <= 0:
+            return mu
+        mu = mu.clone()
+        cortex, medulla = float(mu[SynthTissue.CORTEX]), float(mu[SynthTissue.MEDULLA])
+        lo, hi = min(cortex, medulla) - c, max(cortex, medulla) + c
+        for t in (SynthTissue.TUMOR, SynthTissue.TUMOR_B, SynthTissue.CYST):
+            v = float(mu[t])
+            if lo < v < hi:  # too close to the parenchyma: move to the nearer side of the excluded band
+                mu[t] = lo if v - lo < hi - v else hi
+        return mu
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Normalised intensities ``[B, 1, *S]`` (float32) for tissue ids ``x [B, 1, *S]``."""
+        ids = x.round().long()
+        ids = torch.where((ids < 0) | (ids >= NUM_TISSUES), torch.zeros_like(ids), ids)
+        shape = tuple(x.shape[2:])
+        dims = len(shape)
+        mode = "trilinear" if dims == 3 else "bilinear"
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        for i in range(x.shape[0]):
+            mu, _ = self.means(generator)
+            amp1 = self.amp * torch.rand(NUM_TISSUES, generator=generator)
+            amp2 = self.amp * torch.rand(NUM_TISSUES, generator=generator) * 0.7
+            coarse = [max(2, n // 8) for n in shape]
+            fine = [max(2, n // 2) for n in shape]
+            f1 = F.interpolate(torch.randn((1, 1, *coarse), generator=generator), size=shape, mode=mode, align_corners=False)
+            f2 = F.interpolate(torch.randn((1, 1, *fine), generator=generator), size=shape, mode=mode, align_corners=False)
+            bias = F.interpolate(torch.randn((1, 1, *([3] * dims)), generator=generator), size=shape, mode=mode,
+                                 align_corners=True)
+            b_amp = self.bias_hu * float(torch.rand(1, generator=generator))
+            t = ids[i, 0].cpu()
+            hu = mu[t] + amp1[t] * f1[0, 0] / 0.6 + amp2[t] * f2[0, 0] / 0.6 + b_amp * bias[0, 0]
+            out[i, 0] = ((hu.clamp(self.low, self.high) - self.center) / self.scale).to(x.device)
+        return out
+
+
+def synth_cache_options(cache_root: Path) -> Optional[dict]:
+    """The ``synthetic`` entry of a cache's ``cache.json`` (None for a cache of CT images)."""
+    p = Path(cache_root) / "cache.json"
+    return json.loads(p.read_text()).get("synthetic") if p.is_file() else None
