@@ -165,3 +165,20 @@ def test_lesions_are_kept_visible_against_the_parenchyma():
                 out.append(float((mu[t] - k).abs().min()))
     assert min(closest) >= 25.0 - 1e-3
     assert min(closest_plain) < 25.0  # without the rule some lesions are nearly iso-dense
+
+
+def test_validation_only_datasets_are_refused_for_training(tmp_path):
+    from KidneyTumorSegLib.errors import InputError
+    from Training.dataset import VALIDATION_ONLY_MARKER
+    from Training.preprocess import Cache, init_cache
+    from Training.synth import preprocess_synth
+
+    (tmp_path / "case_00001").mkdir()
+    sitk.WriteImage(_labels(seed=1), str(tmp_path / "case_00001" / "segmentation.nii.gz"))
+    (tmp_path / VALIDATION_ONLY_MARKER).write_text('{"never_train": true}')
+    manifests = stage_manifests(resolve(get_recipe("synth_default", smoke=True), {"has_cyst": True}))
+    with pytest.raises(InputError, match="validation-only"):
+        preprocess_synth(tmp_path / "cache", manifests, tmp_path, None)
+    with pytest.raises(InputError, match="validation-only"):
+        init_cache(Cache(tmp_path / "cache2"), tmp_path, None)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "cache2").exists()

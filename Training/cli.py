@@ -1,6 +1,6 @@
 """Command line of the training package: ``python -m Training <command>`` or ``kidney-tumor-seg-train <command>``.
 
-Commands: phantoms, fingerprint, preprocess, train, evaluate, export, recipes. Each has --help.
+Commands: phantoms, validation-phantoms, fingerprint, preprocess, train, evaluate, export, recipes. Each has --help.
 Errors a user can cause print one line (``error: ...``) and exit with status 2; --debug shows
 the traceback instead.
 """
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from KidneyTumorSegLib.errors import KidneyTumorSegError
+from KidneyTumorSegLib.errors import InputError, KidneyTumorSegError
 
 from .progress import ProgressBar
 
@@ -66,6 +66,17 @@ def cmd_phantoms(args) -> int:
     return 0
 
 
+def cmd_validation_phantoms(args) -> int:
+    from .validation_phantoms import make_validation_dataset
+
+    record = make_validation_dataset(Path(args.labels), Path(args.out), _cases(args.cases), seed=args.seed,
+                                     downsample_inplane=args.downsample_inplane, max_slices=args.max_slices,
+                                     phase=args.phase, overwrite=args.overwrite,
+                                     progress=_Progress("validation-phantoms", not args.quiet))
+    print(json.dumps({"out": str(args.out), "cases": len(record["cases"]), "seconds": record["seconds"]}))
+    return 0
+
+
 def cmd_fingerprint(args) -> int:
     from .dataset import list_cases
     from .fingerprint import compute_fingerprint, write_fingerprint
@@ -100,6 +111,25 @@ def cmd_preprocess(args) -> int:
         made = add_registration_augmentation(cache, stage_manifests(resolved), worst, args.partners or spec["partners"], train,
                                              seed=args.seed, progress=_Progress("register", not args.quiet))
     print(json.dumps({"cache": str(cache.root), "volumes": counts, "registration_augmented": made}))
+    return 0
+
+
+def cmd_synth_preprocess(args) -> int:
+    from .recipes import apply_overrides, get_recipe, resolve
+    from .runs import stage_manifests
+    from .synth import preprocess_synth
+
+    recipe = apply_overrides(get_recipe(args.recipe, smoke=args.smoke), args.set)
+    manifests = stage_manifests(resolve(recipe, {"has_cyst": True}))
+    if args.stage:
+        names = {m["name"] for m in manifests}
+        unknown = sorted(set(args.stage) - names)
+        if unknown:
+            raise InputError(f"recipe {recipe['name']!r} has no stage {', '.join(unknown)}; stages: {', '.join(sorted(names))}")
+        manifests = [m for m in manifests if m["name"] in args.stage]
+    counts = preprocess_synth(Path(args.out), manifests, Path(args.labels), _cases(args.cases), variants=args.variants,
+                              seed=args.seed, progress=_Progress("synth-preprocess", not args.quiet))
+    print(json.dumps({"cache": str(args.out), "volumes": counts}))
     return 0
 
 
@@ -175,6 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="rewrite existing cases")
     s.set_defaults(func=cmd_phantoms)
 
+    s = sub.add_parser("validation-phantoms", help="independent validation phantoms on real label maps (never train on them)")
+    s.add_argument("--labels", required=True, help="folder of case_XXXXX/segmentation.nii.gz (e.g. ../shared/data/kits23_labels)")
+    s.add_argument("--out", required=True, help="dataset folder to write")
+    s.add_argument("--cases", help="case numbers, e.g. 130-159,400-429 (default: all)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--downsample-inplane", type=float, default=1.0, metavar="F", help="in-plane voxels / F (physical extent kept)")
+    s.add_argument("--max-slices", type=int, metavar="N", help="at most N slices (crop around the kidneys, else thicker slices)")
+    s.add_argument("--phase", choices=["unenhanced", "arterial", "portal", "delayed"],
+                   help="one contrast phase for every case (default: drawn per case)")
+    s.add_argument("--overwrite", action="store_true", help="rewrite existing cases")
+    s.set_defaults(func=cmd_validation_phantoms)
+
     s = sub.add_parser("fingerprint", help="dataset fingerprint: spacings, foreground intensity statistics")
     s.add_argument("--data", required=True, help="KiTS19-layout dataset")
     s.add_argument("--cases")
@@ -197,6 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fold", type=_fold, default=0, help="fold whose training cases may be used (default 0)")
     s.add_argument("--folds", type=int, default=5)
     s.set_defaults(func=cmd_preprocess)
+
+    s = sub.add_parser("synth-preprocess", help="cache of synthesis tissue maps from label maps (domain-randomised "
+                                                "training, Training/synth.py)")
+    s.add_argument("--labels", required=True, help="folder of case_XXXXX/segmentation.nii.gz (e.g. ../shared/data/kits23_labels)")
+    s.add_argument("--recipe", required=True, help="a recipe whose stages synthesize (e.g. synth_default)")
+    s.add_argument("--out", required=True, help="cache folder (give it to train --data)")
+    s.add_argument("--cases", help="case numbers (default: all)")
+    s.add_argument("--stage", action="append", metavar="NAME", help="only these stages' volumes (repeatable; default all)")
+    s.add_argument("--variants", type=int, default=2, help="random bodies per case (default 2)")
+    s.add_argument("--smoke", action="store_true", help="the recipe's tiny CPU variant")
+    s.add_argument("--set", action="append", default=[], metavar="STAGE.SECTION.KEY=JSON", help="override a recipe value")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth_preprocess)
 
     s = sub.add_parser("train", help="train (or resume) a recipe")
     s.add_argument("--recipe", help="recipe name (not needed with --resume)")

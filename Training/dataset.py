@@ -18,6 +18,8 @@ from KidneyTumorSegLib.errors import InputError
 
 IMAGE_NAME = "imaging.nii.gz"
 LABELS_NAME = "segmentation.nii.gz"
+#: the marker file of a validation-only dataset (``Training.validation_phantoms``): never training data
+VALIDATION_ONLY_MARKER = "validation_phantoms.json"
 _CASE_RE = re.compile(r"^case_(\d{5})$")
 #: seed of the fold permutation (fixed: a fold must mean the same cases everywhere)
 FOLD_SEED = 19
@@ -93,6 +95,14 @@ def list_cases(root: Path, selection: Optional[Iterable[int]] = None, need_label
             raise InputError(f"{folder}: missing {LABELS_NAME} (training and evaluation need labels)")
         cases.append(Case(n, image, labels if labels.is_file() else None))
     return cases
+
+
+def refuse_validation_only(root: Path) -> None:
+    """InputError when ``root`` is a validation-only dataset (it holds :data:`VALIDATION_ONLY_MARKER`): the
+    independent validation generator's cases must never feed training, or they stop measuring transfer."""
+    if (Path(root) / VALIDATION_ONLY_MARKER).is_file():
+        raise InputError(f"{root} is a validation-only dataset ({VALIDATION_ONLY_MARKER}: never_train); evaluate on it "
+                         "with 'python -m Training evaluate', never preprocess or train on it")
 
 
 def _read(path: Path) -> sitk.Image:

@@ -41,7 +41,7 @@ from KidneyTumorSegLib.labels import LABEL_VALUES
 from KidneyTumorSegLib.manifest import ModelManifest, StageSpec
 from KidneyTumorSegLib.pipeline import StageOutput, stage_input_channels, stage_regions
 
-from .dataset import Case, case_name, list_cases, read_case
+from .dataset import Case, case_name, list_cases, read_case, refuse_validation_only
 from .fingerprint import compute_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -182,7 +182,9 @@ class Cache:
 
 def init_cache(cache: Cache, data_dir: Path, cases: Optional[Sequence[int]], fingerprint: Optional[dict] = None,
                progress: Optional[Callable[[int, int, str], None]] = None) -> dict:
-    """Create (or reuse) the cache's ``cache.json`` for ``data_dir``: dataset path, case numbers and fingerprint."""
+    """Create (or reuse) the cache's ``cache.json`` for ``data_dir``: dataset path, case numbers and fingerprint.
+    A validation-only dataset is refused (:func:`Training.dataset.refuse_validation_only`)."""
+    refuse_validation_only(Path(data_dir))
     listed = list_cases(Path(data_dir), cases)
     numbers = [c.number for c in listed]
     if cache.exists():

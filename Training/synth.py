@@ -43,7 +43,7 @@ from KidneyTumorSegLib.errors import InputError
 from KidneyTumorSegLib.labels import CYST, KIDNEY, TUMOR
 from KidneyTumorSegLib.pipeline import StageOutput, stage_regions
 
-from .dataset import case_name, list_cases, read_labels, LABELS_NAME
+from .dataset import LABELS_NAME, case_name, list_cases, read_labels, refuse_validation_only
 from .phantom_anatomy import Grid, Tissue, body_tissues, estimate_frame, frame_from_grid, smooth_noise
 
 __all__ = ["SynthTissue", "tissue_map", "synth_stage_volumes", "preprocess_synth", "TissueSynthesizer", "PHASES"]
@@ -270,6 +270,7 @@ def preprocess_synth(cache_root: Path, stage_manifests: Sequence[dict], labels_d
 
     if variants < 1:
         raise InputError(f"--variants must be >= 1, got {variants}")
+    refuse_validation_only(Path(labels_dir))
     listed = list_cases(Path(labels_dir), cases, image_name=LABELS_NAME)
     cache = Cache(Path(cache_root))
     numbers = [c.number for c in listed]

@@ -13,8 +13,8 @@ Scans (in ``../shared/data/real_ct``, never part of the repository or of any tra
   ``leftkidney`` / ``rightkidney`` masks. The patient has no renal tumor: every tumor or cyst voxel is a false
   positive.
 
-The kidney region compared is every non-background label (kidney + tumor + cyst, as KiTS19 counts it). Prints one
-JSON line per scan: Dice overall and per side (sides split at the midline between the two reference kidneys),
+The kidney region compared is every non-background label (kidney + tumor + cyst, as KiTS19 counts it); the scoring
+lives in ``Training/real_ct.py``. Prints one JSON line per scan: Dice overall and per side (sides split at the midline between the two reference kidneys),
 predicted tumor and cyst volume (mL), the kidneys the model reports, its notes and the seconds taken.
 """
 
@@ -23,63 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
-
 REPO = Path(__file__).resolve().parents[1]
-TS_KIDNEY_RIGHT, TS_KIDNEY_LEFT = 2, 3
-SCANS = ("example_ct_sm", "ircad_1.1")
-
-
-def reference_masks(scan: str, folder: Path) -> tuple[Path, np.ndarray, np.ndarray]:
-    """``(ct path, right kidney mask, left kidney mask)`` (bool arrays (z, y, x) on the CT's grid) of a scan."""
-    if scan == "example_ct_sm":
-        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "example_seg_sm.nii.gz")))
-        return folder / "example_ct_sm.nii.gz", ref == TS_KIDNEY_RIGHT, ref == TS_KIDNEY_LEFT
-    if scan == "ircad_1.1":
-        d = folder / "ircad_1.1"
-        right = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "rightkidney.nii.gz"))) > 0
-        left = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "leftkidney.nii.gz"))) > 0
-        return d / "imaging.nii.gz", right, left
-    raise ValueError(f"unknown scan {scan!r}; choose from {SCANS}")
-
-
-def check_scan(scan: str, folder: Path, segmenter) -> dict:
-    """Segment one real scan with ``segmenter`` (a :class:`KidneyTumorSegLib.pipeline.Segmenter`) and score it."""
-    from KidneyTumorSegLib.imageio import read_image
-    from KidneyTumorSegLib.labels import CYST, TUMOR, voxel_volume_mm3
-    from Training.metrics import dice
-
-    path, right, left = reference_masks(scan, folder)
-    ct = read_image(path)
-    t0 = time.perf_counter()
-    result = segmenter.segment(ct)
-    seconds = time.perf_counter() - t0
-    labels = sitk.GetArrayFromImage(result.labels)
-    predicted = labels > 0
-    index = np.indices(labels.shape).reshape(3, -1)[::-1].T  # (x, y, z) index per voxel, array order
-    matrix = np.asarray(ct.GetDirection()).reshape(3, 3) @ np.diag(ct.GetSpacing())
-    lps_x = (index @ matrix.T)[:, 0].reshape(labels.shape) + ct.GetOrigin()[0]
-    midline = 0.5 * (lps_x[right].mean() + lps_x[left].mean())
-    on_right = lps_x < midline  # LPS: patient right is negative x
-    ml = voxel_volume_mm3(result.labels) / 1000.0
-    return {
-        "scan": scan, "kidney_dice": round(dice(predicted, right | left), 4),
-        "kidney_dice_per_side": {"right": round(dice(predicted & on_right, right), 4),
-                                 "left": round(dice(predicted & ~on_right, left), 4)},
-        "reference_ml": round(float((right | left).sum()) * ml, 1), "predicted_ml": round(float(predicted.sum()) * ml, 1),
-        "tumor_ml": round(float((labels == TUMOR).sum()) * ml, 1), "cyst_ml": round(float((labels == CYST).sum()) * ml, 1),
-        "found": [{"side": k.get("side"), "volume_ml": k.get("volume_ml")} for k in result.stats.get("kidneys", [])],
-        "notes": list(getattr(result, "notes", []) or result.stats.get("notes", [])), "seconds": round(seconds, 2)}
 
 
 def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     from KidneyTumorSegLib.models import load_package
     from KidneyTumorSegLib.pipeline import Segmenter
+    from Training.real_ct import SCANS, check_scan
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scan", default="all", choices=("all",) + SCANS)
