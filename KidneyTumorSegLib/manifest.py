@@ -23,6 +23,14 @@ the previous result's ``labels``, grown by ``margin_mm``, at most ``max_componen
 components under ``min_volume_ml`` ignored, overlapping boxes merged); ``fixed_box`` (a
 box of ``size_mm`` centred on the previous result's foreground).
 
+Bounds of a components region, whatever the previous stage says: ``max_components`` is 1 or 2
+(the two largest *plausible* components; merging overlapping boxes only lowers the count);
+each component's box (margin included) is at most ``max_size_mm`` (default 300 x 250 x 300 mm;
+a larger one is cut to that size around the component's centroid, with a note in the result; a
+merged box is the union of at most two such boxes); ``plausibility`` (see ``anatomy``: volume,
+beside the spine, below the lung bases; off unless ``enabled``) drops implausible components
+of the previous result before the boxes are built, with a note.
+
 Windows: ``overlap`` (0.5 = half a patch) with Gaussian blending, or, with ``window_margin``
 (voxels per side, (x, y, z)), only each window's core is kept (the ResUNet paper's central 32
 of 64 slices; Daza's discarded outer voxels).
@@ -44,6 +52,7 @@ from typing import Any, Mapping, Optional
 from .errors import ModelPackageError
 from .labels import LABEL_VALUES
 from .normalization import IntensityNormalization
+from .anatomy import PlausibilityConfig
 from .postprocessing import PostprocessingConfig
 
 SCHEMA_VERSION = 1
@@ -51,6 +60,11 @@ MANIFEST_NAME = "manifest.json"
 ROLES = ("localize", "segment", "overlay")
 REGION_KINDS = ("whole", "components", "fixed_box")
 RESAMPLE_BACK = ("probabilities", "labels")
+#: a stage refines at most this many kidney regions, whatever the previous stage found
+MAX_REGIONS = 2
+#: default ``max_size_mm`` of a components region (x, y, z): the largest KiTS23 kidney component (a horseshoe kidney
+#: 225 mm wide; 185 mm deep, 224 mm long with tumors) plus 20 mm margins fits uncut
+DEFAULT_MAX_REGION_MM = (300.0, 250.0, 300.0)
 
 
 def _check_keys(where: str, d: Mapping, required: set, optional: set) -> None:
@@ -123,10 +137,15 @@ class RegionSpec:
     max_components: int = 2
     min_volume_ml: float = 1.0
     size_mm: Optional[tuple] = None
+    #: components regions: largest box (x, y, z) mm the stage runs on per component (cut around the component's centroid)
+    max_size_mm: Optional[tuple] = None
+    #: components regions: anatomical plausibility of the previous result's components (off by default)
+    plausibility: PlausibilityConfig = PlausibilityConfig()
 
     @classmethod
     def from_dict(cls, d: Mapping, where: str) -> "RegionSpec":
-        _check_keys(where, d, {"kind"}, {"labels", "margin_mm", "max_components", "min_volume_ml", "size_mm"})
+        _check_keys(where, d, {"kind"}, {"labels", "margin_mm", "max_components", "min_volume_ml", "size_mm",
+                                         "max_size_mm", "plausibility"})
         kind = d["kind"]
         if kind not in REGION_KINDS:
             raise ValueError(f"{where}.kind must be one of {REGION_KINDS}, got {kind!r}")
@@ -141,10 +160,28 @@ class RegionSpec:
             size = _triple(f"{where}.size_mm", size)
         elif size is not None:
             raise ValueError(f"{where}.size_mm only applies to fixed_box regions")
-        spec = cls(kind, labels, float(d.get("margin_mm", cls.margin_mm)), int(d.get("max_components", cls.max_components)),
-                   float(d.get("min_volume_ml", cls.min_volume_ml)), size)
-        if spec.margin_mm < 0 or spec.max_components < 1 or spec.min_volume_ml < 0:
-            raise ValueError(f"{where}: margin_mm and min_volume_ml must be >= 0 and max_components >= 1")
+        max_size = d.get("max_size_mm")
+        plausibility = d.get("plausibility")
+        if kind == "components":
+            max_size = DEFAULT_MAX_REGION_MM if max_size is None else tuple(float(v) for v in _triple(f"{where}.max_size_mm", max_size))
+            try:
+                plausibility = PlausibilityConfig.from_dict({} if plausibility is None else plausibility, f"{where}.plausibility")
+            except (ValueError, TypeError) as exc:
+                raise ValueError(str(exc)) from None
+        else:
+            if max_size is not None:
+                raise ValueError(f"{where}.max_size_mm only applies to components regions")
+            if plausibility is not None:
+                raise ValueError(f"{where}.plausibility only applies to components regions")
+            plausibility = PlausibilityConfig()
+        max_components = d.get("max_components", cls.max_components)
+        if isinstance(max_components, bool) or not isinstance(max_components, int) or not 1 <= max_components <= MAX_REGIONS:
+            raise ValueError(f"{where}.max_components must be 1 or {MAX_REGIONS} (a stage refines at most {MAX_REGIONS} kidney "
+                             f"regions), got {max_components!r}")
+        spec = cls(kind, labels, float(d.get("margin_mm", cls.margin_mm)), max_components,
+                   float(d.get("min_volume_ml", cls.min_volume_ml)), size, max_size, plausibility)
+        if spec.margin_mm < 0 or spec.min_volume_ml < 0:
+            raise ValueError(f"{where}: margin_mm and min_volume_ml must be >= 0")
         return spec
 
     def to_dict(self) -> dict:
@@ -152,6 +189,9 @@ class RegionSpec:
              "max_components": self.max_components, "min_volume_ml": self.min_volume_ml}
         if self.size_mm is not None:
             d["size_mm"] = list(self.size_mm)
+        if self.kind == "components":
+            d["max_size_mm"] = list(self.max_size_mm)
+            d["plausibility"] = self.plausibility.to_dict()
         return d
 
 

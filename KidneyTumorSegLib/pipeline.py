@@ -3,7 +3,11 @@
 For each stage of the manifest, in order:
 
 1. find its regions (the whole volume, one box per kidney component of the previous
-   result grown by a margin, or a fixed-size box around it), each as a box in mm;
+   result grown by a margin, or a fixed-size box around it), each as a box in mm; for
+   components regions the previous result's implausible components are dropped first
+   (``region.plausibility``, see ``anatomy``), at most two regions are kept and each is at
+   most ``region.max_size_mm`` (cut around the component's centroid), with notes; the memory
+   the largest region needs is checked before the stage runs;
 2. resample the CT onto the stage's working grid inside each box (block-average first
    when down-sampling a lot), optionally mask it with the previous result, normalise it,
    stack k adjacent slices for 2.5D networks, add a localize stage's probabilities for a
@@ -28,8 +32,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import geometry as geo
+from .anatomy import Landmarks, estimate_landmarks, judge_components, verdict_notes
 from .enhancement import enhancement_note
-from .labels import LABEL_VALUES
+from .labels import LABEL_VALUES, connected_components, voxel_volume_mm3
 from .manifest import ModelManifest, StageSpec
 from .models import ModelPackage
 from .runcontrol import ProgressCallback, ProgressSpan, check_cancel
@@ -96,8 +101,13 @@ class Segmenter:
         from .measurements import measure
         from .postprocessing import postprocess
 
-        timings, notes = {}, []
+        timings, notes = {}, _Notes()
         start_all = time.perf_counter()
+        landmarks = None
+        if self._uses_anatomy():
+            t0 = time.perf_counter()
+            landmarks = estimate_landmarks(image)
+            timings["anatomy"] = time.perf_counter() - t0
         out = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint8)
         previous: Optional[StageOutput] = None
         outputs: dict[str, StageOutput] = {}
@@ -108,7 +118,7 @@ class Segmenter:
             t0 = time.perf_counter()
             span = ProgressSpan(progress, position, position + share, f"{stage.name} stage")
             span(0.0)
-            previous = self._run_stage(stage, image, out, previous, outputs, span, cancel, notes)
+            previous = self._run_stage(stage, image, out, previous, outputs, span, cancel, notes, landmarks)
             outputs[stage.name] = previous
             timings[stage.name] = time.perf_counter() - t0
             position += share
@@ -116,7 +126,7 @@ class Segmenter:
         t0 = time.perf_counter()
         labels = sitk.GetImageFromArray(out)
         labels.CopyInformation(image)
-        labels = postprocess(labels, image, self.manifest.postprocessing)
+        labels = postprocess(labels, image, self.manifest.postprocessing, notes=notes, landmarks=landmarks)
         timings["postprocessing"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         stats = measure(labels)
@@ -130,7 +140,12 @@ class Segmenter:
                 notes.append(phase_note)
         if progress is not None:
             progress(1.0, "done")
-        return SegmentationResult(labels, stats, timings, self.manifest.name, str(self.device), notes)
+        return SegmentationResult(labels, stats, timings, self.manifest.name, str(self.device), list(notes))
+
+    def _uses_anatomy(self) -> bool:
+        """Whether a plausibility rule is on (then the landmarks are estimated once per image)."""
+        return self.manifest.postprocessing.plausibility.enabled or any(
+            s.region.kind == "components" and s.region.plausibility.enabled for s in self.manifest.stages)
 
     def _progress_shares(self) -> list[float]:
         weights = [0.15 if s.role == "localize" else 1.0 for s in self.manifest.stages]
@@ -138,22 +153,26 @@ class Segmenter:
         return [w / total for w in weights]
 
     # -- one stage -------------------------------------------------------------------------
-    def _run_stage(self, stage, image, out, previous, outputs, span, cancel, notes) -> StageOutput:
+    def _run_stage(self, stage, image, out, previous, outputs, span, cancel, notes, landmarks=None) -> StageOutput:
+        from .validation import check_region_memory
+
         spacing = geo.stage_spacing(image, stage.spacing_mm)
-        boxes = stage_regions(stage, image, previous, spacing)
+        boxes = stage_regions(stage, image, previous, spacing, landmarks=landmarks, notes=notes)
         if not boxes:
-            notes.append(f"stage {stage.name!r}: nothing to refine (no kidney found by the previous stage)")
+            plausible = " plausible" if stage.region.kind == "components" and stage.region.plausibility.enabled else ""
+            notes.append(f"stage {stage.name!r}: nothing to refine (no{plausible} kidney found by the previous stage)")
             logger.info("stage %s: no region to run on", stage.name)
             return previous if previous is not None else StageOutput(_empty_labels_like(image))
+        canonical, _, _ = geo.canonical_axes(image.GetDirection())
+        grids = [geo.grid_for_box(box, spacing, canonical) for box in boxes]
+        check_region_memory(stage.name, [g.size for g in grids], self.manifest.network_in_channels(stage), len(stage.classes))
         predictor = self._predictor(stage)
         source = geo.shrink_for_spacing(image, spacing)
-        canonical, _, _ = geo.canonical_axes(image.GetDirection())
         result: Optional[StageOutput] = None
-        for i, box in enumerate(boxes):
+        for i, (box, grid) in enumerate(zip(boxes, grids)):
             check_cancel(cancel)
             region_span = ProgressSpan(span, i / len(boxes), (i + 1) / len(boxes),
                                        f"{stage.name} stage" + (f": region {i + 1}/{len(boxes)}" if len(boxes) > 1 else ""))
-            grid = geo.grid_for_box(box, spacing, canonical)
             channels = stage_input_channels(stage, self.manifest, source, grid, previous, outputs)
             probs = self._predict(stage, predictor, channels, region_span, cancel)
             if stage.role == "localize":
@@ -180,11 +199,23 @@ class Segmenter:
 
 
 # -- regions ---------------------------------------------------------------------------------
-def stage_regions(stage: StageSpec, image: sitk.Image, previous: Optional[StageOutput], spacing) -> list[geo.Box]:
+class _Notes(list):
+    """The result's notes: the same note twice (e.g. a skipped rule, from two stages) is kept once."""
+
+    def append(self, note) -> None:
+        if note not in self:
+            super().append(note)
+
+
+def stage_regions(stage: StageSpec, image: sitk.Image, previous: Optional[StageOutput], spacing,
+                  landmarks: Optional[Landmarks] = None, notes: Optional[list] = None) -> list[geo.Box]:
     """Boxes (canonical frame, mm) the stage runs on, clipped to the image and merged when they overlap.
 
     Every box is at least one patch wide (``patch_size * spacing``) where the image allows,
-    so the network sees real context instead of padding.
+    so the network sees real context instead of padding. A components region keeps at most
+    ``max_components`` (<= 2) plausible components (``region.plausibility``; ``landmarks`` of
+    ``image``, estimated here when not given) and cuts each box to ``region.max_size_mm`` around
+    its component's centroid; what was dropped or cut is appended to ``notes``.
     """
     full = geo.image_box(image)
     region = stage.region
@@ -192,18 +223,26 @@ def stage_regions(stage: StageSpec, image: sitk.Image, previous: Optional[StageO
         return [full]
     mask = label_mask(previous.labels, region.labels)
     patch_mm = np.asarray(stage.patch_size, dtype=float) * np.asarray(spacing)
+    notes = notes if notes is not None else []
     if region.kind == "components":
-        boxes = [b.expanded(region.margin_mm) for b in component_boxes(mask, region.min_volume_ml, region.max_components)]
+        plausibility = region.plausibility if region.plausibility.enabled else None
+        if plausibility is not None and landmarks is None:
+            landmarks = estimate_landmarks(image)
+        components = _components(mask, region.min_volume_ml, region.max_components, plausibility, landmarks, full,
+                                 notes, f"stage {stage.name!r} regions")
+        boxes = []
+        for box, centroid in components:
+            box = _at_least(box.expanded(region.margin_mm), patch_mm)
+            boxes.append(_bounded(box, centroid, region.max_size_mm, notes, stage.name))
     else:  # fixed_box
         fg = _foreground_box(mask)
         if fg is None:
             return []
         half = np.asarray(region.size_mm) / 2.0
         centre = np.asarray(fg.center)
-        boxes = [geo.Box(tuple(centre - half), tuple(centre + half))]
+        boxes = [_at_least(geo.Box(tuple(centre - half), tuple(centre + half)), patch_mm)]
     clipped = []
     for box in boxes:
-        box = _at_least(box, patch_mm)
         box = _shift_inside(box, full)
         inside = box.intersection(full)
         if inside is not None:
@@ -213,21 +252,64 @@ def stage_regions(stage: StageSpec, image: sitk.Image, previous: Optional[StageO
 
 def component_boxes(mask: sitk.Image, min_volume_ml: float, max_components: int) -> list[geo.Box]:
     """Boxes of the largest connected components (26-connected) of a binary mask, biggest first."""
-    if not np.any(sitk.GetArrayViewFromImage(mask)):
+    return [box for box, _ in _components(mask, min_volume_ml, max_components, None, None, None, None, "")]
+
+
+def _components(mask: sitk.Image, min_volume_ml: float, max_components: int, plausibility, landmarks,
+                fov: Optional[geo.Box], notes: Optional[list], where: str) -> list[tuple[geo.Box, np.ndarray]]:
+    """(box, centroid in the canonical frame) of the ``max_components`` largest components of ``mask`` of at
+    least ``min_volume_ml`` that pass ``plausibility`` (None: no plausibility rule), biggest first."""
+    arr = sitk.GetArrayViewFromImage(mask)
+    if not np.any(arr):
         return []
-    cc = sitk.RelabelComponent(sitk.ConnectedComponent(mask, True), sortByObjectSize=True)
+    cc = connected_components(arr > 0)
+    cc_img = sitk.GetImageFromArray(cc.astype(np.uint32, copy=False))
+    cc_img.CopyInformation(mask)
     stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(cc)
-    voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
-    boxes = []
+    stats.Execute(cc_img)
+    voxel_ml = voxel_volume_mm3(mask) / 1000.0
+    rejected = set()
+    if plausibility is not None:
+        verdicts, skipped = judge_components(cc, mask, fov if fov is not None else geo.image_box(mask), landmarks, plausibility)
+        messages = skipped + verdict_notes(verdicts, where, ignore_below_ml=min_volume_ml)
+        rejected = {v.label for v in verdicts if not v.keep}
+        for m in messages:
+            logger.debug("%s", m)
+            if notes is not None and m not in notes:
+                notes.append(m)
+    canonical, _, _ = geo.canonical_axes(mask.GetDirection())
+    out = []
     for label in sorted(stats.GetLabels(), key=lambda l: -stats.GetNumberOfPixels(l)):
-        if stats.GetNumberOfPixels(label) * voxel_ml < min_volume_ml or len(boxes) >= max_components:
+        if label in rejected or stats.GetNumberOfPixels(label) * voxel_ml < min_volume_ml or len(out) >= max_components:
             continue
         bb = stats.GetBoundingBox(label)  # (x0, y0, z0, sx, sy, sz)
         lower = bb[:3]
         upper = tuple(bb[k] + bb[k + 3] - 1 for k in range(3))
-        boxes.append(geo.index_box_to_box(mask, lower, upper))
-    return boxes
+        centroid = canonical.T @ np.asarray(stats.GetCentroid(label))
+        out.append((geo.index_box_to_box(mask, lower, upper), centroid))
+    return out
+
+
+def _bounded(box: geo.Box, centroid, max_size_mm, notes: list, stage_name: str) -> geo.Box:
+    """``box`` cut to at most ``max_size_mm`` per axis, centred on ``centroid`` as far as the box allows."""
+    if max_size_mm is None:
+        return box
+    lo, hi = np.asarray(box.lower, dtype=float), np.asarray(box.upper, dtype=float)
+    limit = np.asarray(max_size_mm, dtype=float)
+    if np.all(hi - lo <= limit + 1e-6):
+        return box
+    before = hi - lo
+    for k in range(3):
+        if hi[k] - lo[k] > limit[k]:
+            start = min(max(float(centroid[k]) - limit[k] / 2.0, lo[k]), hi[k] - limit[k])
+            lo[k], hi[k] = start, start + limit[k]
+    note = (f"stage {stage_name!r}: a kidney region of {before[0]:.0f} x {before[1]:.0f} x {before[2]:.0f} mm was cut to "
+            f"{hi[0] - lo[0]:.0f} x {hi[1] - lo[1]:.0f} x {hi[2] - lo[2]:.0f} mm around its component's centre "
+            f"(max_size_mm {limit[0]:g} x {limit[1]:g} x {limit[2]:g})")
+    logger.info("%s", note)
+    if note not in notes:
+        notes.append(note)
+    return geo.Box(tuple(lo), tuple(hi))
 
 
 def merge_overlapping(boxes: list[geo.Box]) -> list[geo.Box]:

@@ -2,6 +2,10 @@
 
 Rules from the seed methods, each switchable in :class:`PostprocessingConfig`:
 
+0. anatomical plausibility (``plausibility``, off unless enabled; the rules and landmarks are in
+   :mod:`anatomy`): kidney components (``label > 0``) of implausible volume or position (not
+   beside the spine, in the chest) are removed first, each with a note, so they cannot take one of
+   the kept places below.
 1. keep the largest kidney regions: connected components of ``label > 0`` (kidney with its
    lesions); the top ``max_kidney_components`` are kept ("Two-phase framework", 5.2: top 2,
    top 1 for a patient with one kidney; Isensee-style top-2 of seed 000, 2.4). The paper does
@@ -35,6 +39,9 @@ from typing import Any, Mapping, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from KidneyTumorSegLib.anatomy import (PlausibilityConfig, estimate_landmarks, implausible_mask, judge_components,
+                                       verdict_notes)
+from KidneyTumorSegLib import geometry as geo
 from KidneyTumorSegLib.labels import (BACKGROUND, CYST, KIDNEY, TUMOR, check_label_image, connected_components,
                                       label_bounding_box, voxel_volume_mm3)
 
@@ -65,6 +72,8 @@ class PostprocessingConfig:
     largest_tumor_only: bool = False
     #: 3D cavities enclosed by ``label > 0`` become kidney
     fill_holes: bool = True
+    #: anatomical plausibility of the final kidney components (see ``anatomy``); off unless ``enabled``
+    plausibility: PlausibilityConfig = PlausibilityConfig()
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -130,6 +139,8 @@ def _checked_value(name: str, value: Any) -> Any:
         if name == "min_component_fraction" and not 0.0 <= value <= 1.0:
             raise fail("a number in [0, 1]")
         return float(value)
+    if name == "plausibility":
+        return PlausibilityConfig.from_dict(value, "post-processing key 'plausibility'")
     if name == "cyst_relabel_to":
         if not isinstance(value, str) or value not in _RELABEL_TARGETS:
             raise fail("one of " + ", ".join(repr(k) for k in _RELABEL_TARGETS))
@@ -138,16 +149,19 @@ def _checked_value(name: str, value: Any) -> Any:
 
 
 def postprocess(
-    labels: sitk.Image, image: Optional[sitk.Image], config: PostprocessingConfig
+    labels: sitk.Image, image: Optional[sitk.Image], config: PostprocessingConfig,
+    notes: Optional[list] = None, landmarks=None,
 ) -> sitk.Image:
     """Apply the post-processing rules of ``config`` to a label map.
 
     ``labels``: 3D integer label map (values 0..3) on the input CT's grid.
     ``image``: the CT in HU on the same grid (size, spacing, origin, direction); used only by
-    the intensity rule and may be None when that rule is off.
+    the intensity rule and the plausibility position rules (estimated from it unless ``landmarks``,
+    an :class:`anatomy.Landmarks` of the same CT, is given) and may be None when those are off.
+    ``notes``: a list the plausibility rule appends its notes to (what it dropped, what it skipped).
     Returns a new uint8 image with the geometry of ``labels``; the inputs are not modified.
-    Steps, in order: keep largest kidney components -> drop detached lesions -> intensity
-    rule -> small lesions / largest tumor only -> fill holes.
+    Steps, in order: plausibility -> keep largest kidney components -> drop detached lesions ->
+    intensity rule -> small lesions / largest tumor only -> fill holes.
     """
     check_label_image(labels)
     if config.cyst_intensity_rule:
@@ -167,8 +181,14 @@ def postprocess(
     voxel_mm3 = voxel_volume_mm3(labels)
 
     fg_components: Optional[np.ndarray] = None
-    if config.keep_largest_kidneys:
+    if config.plausibility.enabled:
         fg_components = connected_components(crop > 0)
+        _drop_implausible(crop, fg_components, labels, box, image, landmarks, config.plausibility, notes)
+        if not crop.any():
+            fg_components = None
+    if config.keep_largest_kidneys and crop.any():
+        if fg_components is None:
+            fg_components = connected_components(crop > 0)
         _keep_largest(crop, fg_components, voxel_mm3, config)
     if config.drop_detached_lesions:
         if fg_components is None:
@@ -205,6 +225,28 @@ def _check_same_grid(labels: sitk.Image, image: sitk.Image) -> None:
             f"direction {labels.GetDirection()}; image has size {image.GetSize()}, spacing "
             f"{image.GetSpacing()}, origin {image.GetOrigin()}, direction {image.GetDirection()}"
         )
+
+
+def _drop_implausible(crop: np.ndarray, cc: np.ndarray, labels: sitk.Image, box, image: Optional[sitk.Image],
+                      landmarks, config: PlausibilityConfig, notes: Optional[list]) -> None:
+    """Remove the kidney components (ids ``cc`` of ``crop``) that break a plausibility rule, with notes."""
+    if landmarks is None and image is not None:
+        _check_same_grid(labels, image)
+        landmarks = estimate_landmarks(image)
+    reference = sitk.Image([crop.shape[2], crop.shape[1], crop.shape[0]], sitk.sitkUInt8)
+    reference.SetSpacing(labels.GetSpacing())
+    reference.SetDirection(labels.GetDirection())
+    reference.SetOrigin(labels.TransformIndexToPhysicalPoint([int(box[a].start) for a in (2, 1, 0)]))
+    verdicts, skipped = judge_components(cc, reference, geo.image_box(labels), landmarks, config)
+    messages = skipped + verdict_notes(verdicts, "post-processing")
+    if any(not v.keep for v in verdicts):
+        dropped = implausible_mask(cc, verdicts)
+        crop[dropped] = BACKGROUND
+        cc[dropped] = 0   # gone for the later rules too: a dropped blob is not "the largest" kidney
+    for m in messages:
+        logger.debug("%s", m)
+        if notes is not None and m not in notes:
+            notes.append(m)
 
 
 def _keep_largest(crop: np.ndarray, cc: np.ndarray, voxel_mm3: float, config: PostprocessingConfig) -> None:

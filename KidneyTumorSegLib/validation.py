@@ -178,6 +178,31 @@ def estimate_memory_bytes(image: sitk.Image) -> int:
     return voxels * (input_bytes + EXTRA_BYTES_PER_VOXEL) + FIXED_MEMORY_BYTES
 
 
+def estimate_region_memory_bytes(grid_size, in_channels: int, num_classes: int) -> int:
+    """Memory (bytes) one stage region of ``grid_size`` (x, y, z) voxels needs beyond the fixed cost:
+    float32 input channels, the sliding window's probability sum and weight map, and the probability
+    image resampled back (``FIXED_MEMORY_BYTES`` covers the runtime, the weights and one window batch)."""
+    return 4 * math.prod(int(s) for s in grid_size) * (in_channels + 2 * num_classes + 1)
+
+
+def check_region_memory(stage_name: str, grid_sizes, in_channels: int, num_classes: int, available: int | None = None) -> None:
+    """Raise InsufficientMemoryError when the largest region of a stage (regions run one at a time)
+    needs more memory than is available now; no check where that is unknown."""
+    if not grid_sizes:
+        return
+    needed = max(estimate_region_memory_bytes(g, in_channels, num_classes) for g in grid_sizes)
+    if available is None:
+        available = available_memory_bytes()
+        if available is None:
+            return
+    if needed > available:
+        largest = max(grid_sizes, key=lambda g: math.prod(g))
+        raise InsufficientMemoryError(
+            f"Not enough memory for stage {stage_name!r}: its largest region ({'x'.join(str(int(s)) for s in largest)} voxels) "
+            f"needs about {needed / 1e9:.1f} GB, {available / 1e9:.1f} GB available"
+        )
+
+
 def _read_int(path: Path) -> int | None:
     try:
         text = path.read_text(encoding="utf-8").strip()

@@ -271,7 +271,9 @@ def test_config_round_trip_and_defaults():
     assert set(d) == {
         "keep_largest_kidneys", "max_kidney_components", "min_component_fraction", "drop_detached_lesions",
         "cyst_intensity_rule", "cyst_threshold_hu", "cyst_relabel_to", "min_lesion_volume_ml", "largest_tumor_only", "fill_holes",
+        "plausibility",
     }
+    assert d["plausibility"]["enabled"] is False  # off unless a manifest switches it on
 
 
 @pytest.mark.parametrize(

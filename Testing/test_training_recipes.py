@@ -8,6 +8,7 @@ import torch
 from KidneyTumorSegLib.manifest import ModelManifest
 from KidneyTumorSegLib.models import _check_patch_fits
 from KidneyTumorSegLib.networks import build_network, count_parameters
+from KidneyTumorSegLib.normalization import IntensityNormalization
 from Training.augmentation import Augmenter
 from Training.losses import CompositeLoss
 from Training.recipes import SEED_RECIPES, apply_overrides, get_recipe, manifest_dict, names, resolve
@@ -49,7 +50,9 @@ def test_recipe_builds_networks_losses_and_a_valid_manifest(name, smoke):
             target = torch.randint(0, len(m["classes"]), (2,) + (4,) * dims)
             outputs = [logits] * {"single": 1, "sum": 2, "deep_supervision": 4}[t["loss"]["outputs"]["kind"]]
             assert torch.isfinite(loss(outputs if len(outputs) > 1 else logits, target, epoch=3))
-            Augmenter(t.get("augmentation") or {}, [s or 1.0 for s in m["spacing_mm"]], dims, -1.0)
+            norm = IntensityNormalization.from_dict(m["normalization"])
+            k = int((m.get("inputs") or {}).get("slices_as_channels") or 1)  # as the trainer builds it
+            Augmenter(t.get("augmentation") or {}, [s or 1.0 for s in m["spacing_mm"]], dims, -1.0, k, norm.scale, norm)
     if name == "daza_deeplab":
         with torch.device("meta"):
             net = build_network("deeplabv3plus3d", in_channels=1, num_classes=3)
