@@ -182,3 +182,20 @@ def test_validation_only_datasets_are_refused_for_training(tmp_path):
     with pytest.raises(InputError, match="validation-only"):
         init_cache(Cache(tmp_path / "cache2"), tmp_path, None)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "cache2").exists()
+
+
+def test_fov_cut_makes_a_scan_end_inside_the_patch():
+    x = torch.zeros((8, 1, 10, 6, 6))
+    y = torch.ones((8, 10, 6, 6), dtype=torch.uint8)
+    aug = Augmenter({"fov_cut": {"probability": 1.0, "max_fraction": 0.5, "axes": [2]}}, (2.0, 2.0, 2.0), 3, -1.0)
+    x2, y2 = aug(x, y, torch.Generator().manual_seed(0))
+    assert torch.equal(x, torch.zeros_like(x)) and bool((y == 1).all())  # inputs untouched
+    for i in range(8):
+        cut = (x2[i, 0] == -1.0).all(dim=(1, 2))  # along z only: whole slices
+        assert torch.equal(cut, (y2[i] == 0).all(dim=(1, 2)))  # labels cut with the image
+        n = int(cut.sum())
+        assert 1 <= n <= 5 and (bool(cut[:n].all()) or bool(cut[-n:].all()))  # one slab at one end
+        assert not bool((x2[i, 0] == -1.0).any(dim=(1, 2))[~cut].any())
+    off = Augmenter({"fov_cut": {"probability": 0.0}}, (2.0, 2.0, 2.0), 3, -1.0)
+    x3, y3 = off(x, y, torch.Generator().manual_seed(0))
+    assert torch.equal(x3, x) and torch.equal(y3, y)

@@ -25,6 +25,9 @@ Recipe keys (all optional; probabilities per sample):
   per sample (the same on every listed axis; 0 = x, 1 = y, 2 = z, default all) and interpolated
   back to the patch grid; labels are untouched, so the network learns to keep the anatomy it
   knows on a blurred, partial-volumed image.
+* ``fov_cut`` {probability, max_fraction, axes}: a scan that ends inside the patch: a slab of a random
+  0.1..``max_fraction`` of the patch at one end of one of ``axes`` (0 = x, 1 = y, 2 = z) becomes the padding
+  value (what inference feeds beyond the image) and background in the labels, after everything else.
 * ``synthesize`` {random_probability, phases, random_hu, texture_scale, bias_hu}: the image channel holds
   tissue ids of a synthesis cache (:mod:`Training.synth`), turned into normalised CT with a contrast drawn
   per sample (:class:`Training.synth.TissueSynthesizer`) before everything above; needs ``normalization``.
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 
 _KEYS = {"rotation_deg", "rotation_probability", "scale", "scale_probability", "elastic", "mirror_axes",
          "mirror_probability", "intensity_gain", "intensity_shift_hu", "noise_hu", "blur_sigma_voxels",
-         "blur_probability", "gamma", "gamma_probability", "low_resolution", "synthesize"}
+         "blur_probability", "gamma", "gamma_probability", "low_resolution", "synthesize", "fov_cut"}
 
 
 def _rotation(angles, dims: int) -> torch.Tensor:
@@ -138,6 +141,9 @@ class Augmenter:
             flo, fhi = low.get("factor", [1.0, 2.0])
             low_factor = flo + (fhi - flo) * u()
         synth_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator)) if self.synthesizer else None
+        cut = s.get("fov_cut") or {}
+        if cut:  # per sample: on?, axis, side, fraction
+            cut_draws = torch.rand(b, 4, generator=generator)
 
         rot_on = (p_rot < float(s.get("rotation_probability", 0.0))) & bool(s.get("rotation_deg"))
         scale_on = (p_scale < float(s.get("scale_probability", 0.0))) & bool(s.get("scale"))
@@ -194,7 +200,27 @@ class Augmenter:
                     rng = (hi_v - lo_v).clamp_min(1e-6)
                     img[i] = ((img[i] - lo_v) / rng).clamp(0, 1) ** float(gamma[i]) * rng + lo_v
         x[:, : self.k] = img
+        if cut:
+            self._fov_cut(x, y, cut, cut_draws)
         return x, y
+
+    def _fov_cut(self, x: torch.Tensor, y: torch.Tensor, cut: dict, draws: torch.Tensor) -> None:
+        """In place: the ``fov_cut`` slab of each selected sample becomes padding (image channels) and background."""
+        axes = [int(a) for a in cut.get("axes", [2]) if self.dims - 1 - int(a) >= 0]
+        if not axes:
+            return
+        top = float(cut.get("max_fraction", 0.5))
+        for i in range(x.shape[0]):
+            on, a, side, frac = (float(v) for v in draws[i])
+            if on >= float(cut.get("probability", 0.0)):
+                continue
+            dim = self.dims - 1 - axes[min(int(a * len(axes)), len(axes) - 1)]  # x is the last tensor axis
+            n = x.shape[2 + dim]
+            width = max(1, int(round(n * (0.1 + (top - 0.1) * frac))))
+            sl = slice(0, width) if side < 0.5 else slice(n - width, n)
+            xi = x[i, : self.k].narrow(1 + dim, sl.start, width)
+            xi.fill_(self.pad_value)
+            y[i].narrow(dim, sl.start, width).fill_(0)
 
     def _low_resolution(self, img: torch.Tensor, on: torch.Tensor, factor: torch.Tensor, axes) -> torch.Tensor:
         """Image channels ``[B, K, *S]`` of the samples where ``on``: area-downsampled by ``factor`` along

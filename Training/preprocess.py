@@ -66,7 +66,9 @@ def class_lookup(classes: Sequence[str]) -> np.ndarray:
 
 def input_spec(stage_manifest: dict) -> dict:
     """The part of a manifest stage entry that determines its training volumes."""
-    return {k: stage_manifest.get(k) for k in _SPEC_KEYS}
+    spec = {k: stage_manifest.get(k) for k in _SPEC_KEYS}
+    spec["region"] = _training_region(spec["region"])
+    return spec
 
 
 def spec_key(stage_manifest: dict) -> str:
@@ -75,8 +77,21 @@ def spec_key(stage_manifest: dict) -> str:
     return f"{stage_manifest['name']}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
 
+#: region keys that only judge a model's output at inference; training regions come from the truth, so they neither
+#: apply there nor change a cache's volumes
+_INFERENCE_ONLY_REGION_KEYS = ("plausibility",)
+
+
+def _training_region(region: Optional[dict]) -> Optional[dict]:
+    if not region:
+        return region
+    return {k: v for k, v in region.items() if k not in _INFERENCE_ONLY_REGION_KEYS}
+
+
 def _stage_and_manifest(stage_manifest: dict) -> tuple[StageSpec, ModelManifest]:
     entry = dict(stage_manifest)
+    if entry.get("region"):
+        entry["region"] = _training_region(entry["region"])  # the truth's kidneys are never judged implausible
     entry["weights"] = [{"file": "w.pt", "sha256": "0" * 64}]
     if entry.get("inputs", {}).get("prior_from"):
         raise InputError(f"stage {entry['name']!r}: training a cascade with prior_from is not supported")

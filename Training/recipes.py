@@ -432,6 +432,12 @@ _register({
 })
 
 # --- synth_default: domain-randomised training (SynthSeg style) ------------------------------------------
+def _with_plausible_regions(manifest: dict) -> dict:
+    m = copy.deepcopy(manifest)
+    m["region"] = dict(m["region"], plausibility={"enabled": True})
+    return m
+
+
 #: the contrast is drawn per patch by the synthesizer (Training.synth); then pose, resolution, blur and noise
 _SD_AUGMENTATION = {"synthesize": {"random_probability": 0.35, "texture_scale": 1.0, "bias_hu": 30.0,
                                    "lesion_contrast_hu": 25.0},
@@ -439,9 +445,12 @@ _SD_AUGMENTATION = {"synthesize": {"random_probability": 0.35, "texture_scale": 
                     "low_resolution": {"probability": 0.35, "factor": [1.0, 3.0], "axes": [2]},
                     "blur_sigma_voxels": [0.3, 1.2], "blur_probability": 0.7,
                     "rotation_deg": [8, 8, 20], "rotation_probability": 0.4, "scale": [0.85, 1.2], "scale_probability": 0.4,
-                    "elastic": {"probability": 0.2, "magnitude_mm": 6.0, "sigma_mm": 30.0}}
+                    "elastic": {"probability": 0.2, "magnitude_mm": 6.0, "sigma_mm": 30.0},
+                    "fov_cut": {"probability": 0.15, "max_fraction": 0.5, "axes": [2]}}
 _register({
     "name": "synth_default",
+    # a model for scans it has never seen: its kidney regions and final kidneys are checked for anatomical
+    # plausibility (KidneyTumorSegLib/anatomy.py) whatever the network says
     "seed": "002 (VB-Net two-stage), sized for a CPU, trained on domain-randomised synthesis (SynthSeg style)",
     "summary": "phantom_default's two-stage VB-Net trained on tissue maps of real KiTS23 label maps whose contrast, texture, "
                "resolution and noise are drawn anew for every patch (Training/synth.py), so that it must rely on shape and "
@@ -450,11 +459,14 @@ _register({
         {"manifest": copy.deepcopy(RECIPES["phantom_fast"]["stages"][0]["manifest"]),
          "training": dict(copy.deepcopy(RECIPES["phantom_fast"]["stages"][0]["training"]), epochs=120,
                           augmentation=_SD_AUGMENTATION, validation=None)},
-        {"manifest": copy.deepcopy(RECIPES["phantom_fast"]["stages"][1]["manifest"]),
+        {"manifest": _with_plausible_regions(RECIPES["phantom_fast"]["stages"][1]["manifest"]),
          "training": dict(copy.deepcopy(RECIPES["phantom_fast"]["stages"][1]["training"]), epochs=240,
                           sampler={"kind": "class_balanced"}, augmentation=_SD_AUGMENTATION, validation=None)},
     ],
-    "postprocessing": copy.deepcopy(RECIPES["phantom_fast"]["postprocessing"]),
+    # implausible fragments go by the plausibility rules, so no relative-size rule is needed (0.1 of a 1.5 L tumor
+    # kidney would drop a normal contralateral kidney: KiTS23 cases 30 and 430)
+    "postprocessing": dict(copy.deepcopy(RECIPES["phantom_fast"]["postprocessing"]), min_component_fraction=0.0,
+                           plausibility={"enabled": True}),
     "reproduces": ["the two-resolution VB-Net scheme of seed 002 at CPU size"],
     "leaves_out": ["1 mm fine spacing, 96^3 crops and full widths (CPU budget)",
                    "validation during training (a tissue map has no fixed image; evaluate on the validation generator)"],
@@ -462,8 +474,10 @@ _register({
                 "per patch: 35 % fully random tissue means in [-150, 450] HU (air, lung and gas stay dark), else one of four "
                 "contrast phases' priors; tumors and cysts at least 25 HU from the parenchyma (visible); texture and a 30 HU "
                 "bias field; then noise 3-40 HU, slices up to 3x thicker, blur, "
-                "rotation, scale, elastic deformation, left-right mirroring",
-                "final weights exported (no validation during training)"],
+                "rotation, scale, elastic deformation, left-right mirroring, and in 15 % of patches a scan that ends "
+                "inside the patch (fov_cut along z)",
+                "final weights exported (no validation during training)",
+                "plausibility rules on for the fine stage's regions and the final kidneys; no relative-size rule"],
     "smoke": _VBNET_SMOKE,
 })
 
