@@ -75,17 +75,10 @@ def _stats_path(stats_arg: Optional[str], output: Path, batch: bool) -> Optional
 
 
 def _write_json_atomic(data, path: Path, overwrite: bool) -> None:
-    from .errors import OutputError
+    from .imageio import atomic_output
 
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path} already exists; pass --overwrite to replace it")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+    with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _check_output_free(path: Path, overwrite: bool) -> None:
