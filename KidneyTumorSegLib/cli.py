@@ -366,6 +366,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.DEBUG if args.debug else (logging.WARNING if quiet else logging.INFO),
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
+    if not args.debug:  # their step-by-step INFO lines are noise on a command line
+        for name in ("highdicom", "dicomweb_client"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     from .errors import KidneyTumorSegError
 
     try:
