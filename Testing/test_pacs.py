@@ -271,3 +271,15 @@ def test_credentials_come_from_a_file_or_the_environment_never_the_command_line(
     assert not {o for o in options if any(w in o for w in ("token", "password", "user"))}
     assert main(["pacs", "--url", "ftp://x", "--study", "1.2"]) == 1
     assert capsys.readouterr().err.strip() == "error: --url ftp://x: expected an http:// or https:// DICOMweb base URL"
+
+
+def test_ci_installs_orthanc_then_runs_exactly_the_readme_test_command():
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    marker = "Install what the tests need and run the whole test suite"
+    block = readme[readme.index(marker):].split("```bash\n", 1)[1].split("\n```", 1)[0].strip()
+    lines = [ln for ln in (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines() if ln and not ln.startswith("#")]
+    assert lines[-1] == block
+    install = next(i for i, ln in enumerate(lines) if "apt-get install" in ln)
+    assert "orthanc orthanc-dicomweb" in lines[install] and "apt-get update" in lines[install - 1]
