@@ -136,11 +136,17 @@ def _check_geometry(labels: sitk.Image, datasets: Sequence) -> None:
     spacing = labels.GetSpacing()
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
     origin = np.array(labels.GetOrigin())
-    expected = origin + np.arange(len(datasets))[:, None] * (direction[:, 2] * spacing[2])
-    tolerance = 1e-3 + 0.01 * spacing[2]
-    if np.abs(positions[0] - origin).max() > 1e-3 or np.abs(positions - expected).max() > max(tolerance, 0.05 * spacing[2]):
-        raise InputError("The label map's slices do not lie on the DICOM series' ImagePositionPatient "
-                         "(the files are not in slice order, or the series is irregular)")
+    if np.abs(positions[0] - origin).max() > 1e-3:
+        raise InputError("The label map's slices do not lie on the DICOM series: its origin is not the first "
+                         "slice's ImagePositionPatient")
+    along = (positions - origin) @ direction[:, 2]
+    if len(along) > 1 and not np.all(np.diff(along) > 0):
+        raise InputError("The label map's slices do not lie on the DICOM series: the files are not in slice order")
+    expected = np.arange(len(datasets)) * spacing[2]
+    if np.abs(along - expected).max() > 1e-3 + 0.01 * spacing[2]:
+        # irregular slices (the reader already warned): frame k still goes on source slice k, whose
+        # pixels label slice k was computed from
+        logger.warning("the DICOM series' slices are irregularly spaced; each SEG frame is placed on its own source slice")
 
 
 # --------------------------------------------------------------------------- SEG

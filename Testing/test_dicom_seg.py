@@ -217,10 +217,20 @@ def test_an_empty_result_is_an_empty_kidney_segment_and_a_wrong_grid_is_refused(
     _check_no_finding(hd.sr.Comprehensive3DSR.from_dataset(report))
     shifted = sitk.Image(empty)
     shifted.SetOrigin([v + 1.0 for v in empty.GetOrigin()])
-    with pytest.raises(dicom.InputError, match="do not lie on the DICOM series"):
+    with pytest.raises(dicom.InputError, match="origin is not the first slice"):
         dicom.build_segmentation(shifted, sources, "m", "1")
     with pytest.raises(dicom.InputError, match="not the DICOM series"):
         dicom.build_segmentation(empty[:, :, 1:], sources[1:] + sources[:1], "m", "1")
+    with pytest.raises(dicom.InputError, match="not in slice order"):
+        dicom.build_segmentation(empty, sources[:1] + sources[1:][::-1], "m", "1")
+    # a missing slice: frame k still goes on source slice k (what label slice k was computed from)
+    gappy = sources[:5] + sources[6:]
+    labels = np.zeros((len(gappy),) + sitk.GetArrayViewFromImage(ct).shape[1:], np.uint8)
+    labels[3:9, 10:20, 10:20] = 1
+    image = sitk.GetImageFromArray(labels)
+    image.SetOrigin(ct.GetOrigin()), image.SetSpacing(ct.GetSpacing()), image.SetDirection(ct.GetDirection())
+    seg = dicom.build_segmentation(image, gappy, "m", "1")
+    assert np.array_equal(dicom.segmentation_labels(seg, [ds.SOPInstanceUID for ds in gappy]), labels)
 
 
 def test_segment_codes_are_the_slicer_modules(monkeypatch):
