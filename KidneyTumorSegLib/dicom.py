@@ -82,9 +82,9 @@ def require(module: str):
     try:
         return importlib.import_module(module)
     except ImportError:
+        package = {"dicomweb_client": "dicomweb-client"}.get(module.split(".")[0], module.split(".")[0])
         raise DependencyError(
-            f"DICOM output needs the optional package {module.split('.')[0]}: "
-            "pip install \"kidney-tumor-seg[dicom]\"") from None
+            f"DICOM output needs the optional package {package}: pip install \"kidney-tumor-seg[dicom]\"") from None
 
 
 def _code(triple):

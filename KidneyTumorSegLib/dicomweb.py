@@ -146,7 +146,13 @@ class Pacs:
     def series_of_study(self, study_uid: str) -> list[dict]:
         """The study's series as {uid, modality, count, description}; PacsError if the study is unknown."""
         not_found = f"No study with StudyInstanceUID {study_uid} on {self.url}"
-        found = self._call(f"searching study {study_uid}", lambda: self.client.search_for_series(
+        studies = self._call(f"searching study {study_uid}", lambda: self.client.search_for_studies(
+            search_filters={"StudyInstanceUID": study_uid}),
+            not_found=f"{self.url} is not a DICOMweb service (HTTP 404 for a study search); give its root, "
+                      "e.g. http://host:8042/dicom-web")
+        if not studies:
+            raise PacsError(not_found)
+        found = self._call(f"searching the series of study {study_uid}", lambda: self.client.search_for_series(
             study_instance_uid=study_uid, fields=["NumberOfSeriesRelatedInstances", "SeriesDescription"]),
             not_found=not_found)
         if not found:

@@ -134,7 +134,10 @@ def orthanc(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def package_dir(tmp_path_factory):
-    return str(save_test_package(tmp_path_factory.mktemp("pkg") / "pkg", classifier_manifest()).root)
+    # kidney only, at a 3 mm fine stage: on the real CT the stub finds one big "kidney" and no tumors,
+    # which keeps the round trip quick (the SR's per-lesion groups are tested in test_dicom_seg)
+    manifest = classifier_manifest(classes=("background", "kidney"), fine_spacing=(3.0, 3.0, 3.0))
+    return str(save_test_package(tmp_path_factory.mktemp("pkg") / "pkg", manifest).root)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +196,7 @@ def test_round_trip_stores_a_seg_of_the_series_equal_to_the_local_result(tmp_pat
     assert dicomweb.Pacs(orthanc.dicomweb, dicomweb.read_credentials(auth)).choose_series(study, None) == series
 
 
-@pytest.mark.parametrize("case", ["wrong study", "wrong series", "server down", "no credentials", "wrong password"])
+@pytest.mark.parametrize("case", ["wrong study", "wrong series", "wrong url", "server down", "no credentials", "wrong password"])
 def test_failures_are_one_line_and_store_nothing(case, tmp_path, orthanc, stored_real_series, package_dir,
                                                   no_credentials, monkeypatch, capsys):
     _, _, study, _ = stored_real_series
@@ -205,11 +208,14 @@ def test_failures_are_one_line_and_store_nothing(case, tmp_path, orthanc, stored
         study = "1.2.826.0.1.3680043.8.498.1"
     elif case == "wrong series":
         extra = ["--series", "1.2.826.0.1.3680043.8.498.2"]
+    elif case == "wrong url":
+        url = orthanc.url + "/not-dicom-web"
     elif case == "server down":
         url = f"http://127.0.0.1:{_free_port()}/dicom-web"
     expected = {
         "wrong study": f"error: No study with StudyInstanceUID {study} on {url}",
         "wrong series": f"error: Study {study} on {url} holds no series 1.2.826.0.1.3680043.8.498.2",
+        "wrong url": f"error: {url} is not a DICOMweb service (HTTP 404 for a study search)",
         "server down": f"error: Cannot reach the DICOMweb server {url}",
         "no credentials": f"error: The DICOMweb server {url} refused access while searching study {study} (HTTP 401",
         "wrong password": f"error: The DICOMweb server {url} refused access while searching study {study} (HTTP 401",
