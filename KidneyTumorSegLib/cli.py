@@ -1,6 +1,6 @@
 """Command line: ``kidney-tumor-seg`` / ``python -m KidneyTumorSegLib``.
 
-Sub-commands: ``segment``, ``models list|install``, ``devices``, ``demo``. torch and the
+Sub-commands: ``segment``, ``pacs``, ``models list|install``, ``devices``, ``demo``. torch and the
 pipeline are imported only inside the commands that need them, so ``--help`` is instant.
 A user error prints one line starting with ``error:`` and exits 1; nothing is traceback.
 """
@@ -45,17 +45,26 @@ class _ProgressPrinter:
 def _output_plan(inputs: Sequence[str], output: str) -> list[tuple[Path, Path]]:
     """Pair every input case with its output file; one file for one input file, a folder otherwise."""
     from .errors import InputError
+    from .dicom import DICOM_SUFFIX
     from .imageio import LABEL_OUTPUT_SUFFIXES, case_name, expand_inputs, image_suffix
 
     cases = expand_inputs(inputs)
     out = Path(output)
-    single_file_output = image_suffix(out) in LABEL_OUTPUT_SUFFIXES
-    if single_file_output:
+    suffix = image_suffix(out)
+    if suffix == DICOM_SUFFIX:
+        if len(cases) != 1:
+            raise InputError(f"{len(cases)} input cases but -o {output} is one DICOM SEG file; segment one DICOM series at a time")
+        if not cases[0].is_dir():
+            raise InputError(f"-o {output} writes a DICOM SEG, which needs a DICOM series (a folder) as input; "
+                             f"{cases[0]} is not DICOM: write a label map ({', '.join(LABEL_OUTPUT_SUFFIXES)}) instead")
+        return [(cases[0], out)]
+    if suffix in LABEL_OUTPUT_SUFFIXES:
         if len(cases) != 1:
             raise InputError(f"{len(cases)} input cases but -o {output} is a single file; give an output folder instead")
         return [(cases[0], out)]
-    if image_suffix(out) and not out.is_dir():
-        raise InputError(f"-o {output}: output must be a folder or a file ending in {', '.join(LABEL_OUTPUT_SUFFIXES)}")
+    if suffix and not out.is_dir():
+        raise InputError(f"-o {output}: output must be a folder or a file ending in {', '.join(LABEL_OUTPUT_SUFFIXES)} "
+                         f"(or {DICOM_SUFFIX}: a DICOM SEG, for a DICOM series input)")
     plan, used = [], {}
     for case in cases:
         name = case_name(case)
@@ -75,17 +84,10 @@ def _stats_path(stats_arg: Optional[str], output: Path, batch: bool) -> Optional
 
 
 def _write_json_atomic(data, path: Path, overwrite: bool) -> None:
-    from .errors import OutputError
+    from .imageio import atomic_output
 
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path} already exists; pass --overwrite to replace it")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+    with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _check_output_free(path: Path, overwrite: bool) -> None:
@@ -113,15 +115,49 @@ def _summarize(stats: dict) -> str:
     return "; ".join(parts) if parts else "no kidney found"
 
 
-def cmd_segment(args) -> int:
-    from .errors import KidneyTumorSegError, OutputError
-    from .imageio import read_image, write_image_atomic
-    from .models import load_package
-    from .pipeline import Segmenter
+def _segment_image(segmenter, image, args, prefix: str = ""):
+    """Validate one CT and segment it (shared by ``segment`` and ``pacs``)."""
     from .validation import check_memory, validate_ct_image
 
+    validate_ct_image(image, force=args.force)
+    check_memory(image)
+    progress = None if args.quiet and args.progress == "bar" else _ProgressPrinter(args.progress, prefix)
+    return segmenter.segment(image, progress=progress)
+
+
+def _dicom_source(folder, series_uid):
+    """The DICOM series a SEG will reference, checked before any segmenting: (series, datasets)."""
+    from .dicom import read_source_datasets, require
+    from .imageio import select_dicom_series
+
+    require("highdicom")
+    series = select_dicom_series(folder, series_uid)
+    return series, read_source_datasets(series.files)
+
+
+def _dicom_results(result, datasets, manifest, with_report: bool):
+    """The SEG (and the SR referencing it) of one result, built before anything is written or stored."""
+    from .dicom import build_report, build_segmentation
+
+    seg = build_segmentation(result.labels, datasets, manifest.name, manifest.version)
+    report = build_report(seg, result.stats, manifest.name, manifest.version) if with_report else None
+    return seg, report
+
+
+def cmd_segment(args) -> int:
+    from .dicom import DICOM_SUFFIX
+    from .errors import InputError, KidneyTumorSegError, OutputError
+    from .imageio import image_suffix, read_image, write_image_atomic
+    from .models import load_package
+    from .pipeline import Segmenter
+
     plan = _output_plan(args.inputs, args.output)
-    batch = len(plan) > 1 or not plan[0][1].name.endswith((".nii", ".nii.gz", ".nrrd")) or Path(args.output).is_dir()
+    as_dicom = image_suffix(plan[0][1]) == DICOM_SUFFIX
+    if args.sr and not as_dicom:
+        raise InputError(f"--sr writes a DICOM SR that references the DICOM SEG; it needs -o ending in {DICOM_SUFFIX}")
+    if args.sr and image_suffix(args.sr) != DICOM_SUFFIX:
+        raise InputError(f"--sr {args.sr}: the report's file name must end in {DICOM_SUFFIX}")
+    batch = len(plan) > 1 or not plan[0][1].name.endswith((".nii", ".nii.gz", ".nrrd", DICOM_SUFFIX)) or Path(args.output).is_dir()
     for case, out in plan:
         if out.resolve() == case.resolve():
             raise OutputError(f"-o {out} is the input itself; choose another output path")
@@ -129,6 +165,15 @@ def cmd_segment(args) -> int:
         stats_out = _stats_path(args.stats, out, batch)
         if stats_out is not None:
             _check_output_free(stats_out, args.overwrite)
+    sr_out = Path(args.sr) if args.sr else None
+    if sr_out is not None:
+        if sr_out.resolve() == plan[0][1].resolve():
+            raise OutputError(f"--sr {sr_out} is the SEG output too; choose another path")
+        _check_output_free(sr_out, args.overwrite)
+    series_uid, datasets = args.series, None
+    if as_dicom:  # refuse a series a SEG cannot reference before spending time on it
+        series, datasets = _dicom_source(plan[0][0], args.series)
+        series_uid = series.uid
     package = load_package(args.model)
     segmenter = Segmenter(package, device=args.device, tta=args.tta)
     logger.info("model %s %s on %s (%s)", package.manifest.name, package.manifest.version, segmenter.device, segmenter.device_reason)
@@ -137,12 +182,17 @@ def cmd_segment(args) -> int:
         prefix = f"[{i + 1}/{len(plan)}] " if len(plan) > 1 else ""
         start = time.perf_counter()
         try:
-            image = read_image(case, series_uid=args.series)
-            validate_ct_image(image, force=args.force)
-            check_memory(image)
-            progress = None if args.quiet and args.progress == "bar" else _ProgressPrinter(args.progress, prefix)
-            result = segmenter.segment(image, progress=progress)
-            write_image_atomic(result.labels, out, overwrite=args.overwrite)
+            image = read_image(case, series_uid=series_uid)
+            result = _segment_image(segmenter, image, args, prefix)
+            if as_dicom:
+                from .dicom import write_dataset_atomic
+
+                seg, report = _dicom_results(result, datasets, package.manifest, sr_out is not None)
+                write_dataset_atomic(seg, out, overwrite=args.overwrite)
+                if report is not None:
+                    write_dataset_atomic(report, sr_out, overwrite=args.overwrite)
+            else:
+                write_image_atomic(result.labels, out, overwrite=args.overwrite)
             stats_out = _stats_path(args.stats, out, batch)
             if stats_out is not None:
                 _write_json_atomic({"input": str(case), "output": str(out), "model": result.model_name,
@@ -157,10 +207,44 @@ def cmd_segment(args) -> int:
             continue
         if not args.quiet:
             notes = f" ({'; '.join(result.notes)})" if result.notes else ""
-            print(f"{prefix}{case} -> {out} in {time.perf_counter() - start:.1f} s: {_summarize(result.stats)}{notes}")
+            also = f" + {sr_out}" if sr_out is not None else ""
+            print(f"{prefix}{case} -> {out}{also} in {time.perf_counter() - start:.1f} s: {_summarize(result.stats)}{notes}")
     if len(plan) > 1:
         print(f"{len(plan) - len(failures)} of {len(plan)} cases segmented" + (f"; failed: {', '.join(map(str, failures))}" if failures else ""))
     return EXIT_FAILED if failures else EXIT_OK
+
+
+def cmd_pacs(args) -> int:
+    import tempfile
+
+    from .dicom import require
+    from .dicomweb import Pacs, read_credentials
+    from .errors import InputError
+    from .imageio import read_image
+    from .models import load_package
+    from .pipeline import Segmenter
+
+    require("highdicom")
+    pacs = Pacs(args.url, read_credentials(args.auth_file))
+    series_uid = pacs.choose_series(args.study, args.series)
+    package = load_package(args.model)
+    segmenter = Segmenter(package, device=args.device, tta=args.tta)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kidney-tumor-seg-pacs-") as tmp:
+        pacs.retrieve_series(args.study, series_uid, Path(tmp))
+        series, datasets = _dicom_source(tmp, series_uid)
+        if str(datasets[0].StudyInstanceUID) != args.study:
+            raise InputError(f"The server returned series {series_uid} of study {datasets[0].StudyInstanceUID}, not {args.study}")
+        image = read_image(tmp, series_uid=series.uid)
+        result = _segment_image(segmenter, image, args)
+    seg, report = _dicom_results(result, datasets, package.manifest, not args.no_sr)
+    pacs.store([seg] + ([report] if report is not None else []), args.study)
+    if not args.quiet:
+        stored = f"SEG {seg.SOPInstanceUID}" + (f" and SR {report.SOPInstanceUID}" if report is not None else "")
+        notes = f" ({'; '.join(result.notes)})" if result.notes else ""
+        print(f"series {series_uid} -> stored {stored} in study {args.study} on {pacs.url} "
+              f"in {time.perf_counter() - start:.1f} s: {_summarize(result.stats)}{notes}")
+    return EXIT_OK
 
 
 def cmd_models(args) -> int:
@@ -218,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "or a folder of them (batch: one output per case in the output folder).")
     seg.add_argument("inputs", nargs="+", metavar="INPUT")
     seg.add_argument("-o", "--output", required=True,
-                     help="output label map (.nii.gz, .nii, .nrrd) for one input, or a folder for several")
+                     help="output label map (.nii.gz, .nii, .nrrd) for one input, a DICOM SEG (.dcm) for one DICOM "
+                          "series, or a folder for several inputs")
     seg.add_argument("--model", default=None, help="model package name or folder (default: the bundled default model)")
     seg.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     seg.add_argument("--tta", action="store_true", help="mirror test-time augmentation (slower)")
@@ -226,9 +311,31 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--force", action="store_true", help="accept images whose intensities do not look like CT in HU")
     seg.add_argument("--stats", metavar="PATH", help="write measurements as JSON (a file; a folder in batch mode)")
     seg.add_argument("--series", metavar="UID", help="DICOM SeriesInstanceUID to read when a folder holds several series")
+    seg.add_argument("--sr", metavar="REPORT.dcm",
+                     help="with -o RESULT.dcm: also write the measurements as a DICOM SR (TID 1500) referencing the SEG")
     seg.add_argument("--progress", choices=("bar", "json", "none"), default="bar", help="progress on stderr (default: bar)")
     seg.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     seg.set_defaults(func=cmd_segment)
+
+    pacs = sub.add_parser(
+        "pacs", help="segment a series from a DICOMweb server (PACS) and store the DICOM SEG and SR back",
+        description="Retrieve a CT series over DICOMweb (WADO-RS), segment it, store a DICOM SEG and a measurement "
+                    "SR (TID 1500) back in its study (STOW-RS). Credentials: --auth-file, or the environment "
+                    "variables KTS_DICOMWEB_TOKEN (bearer token) or KTS_DICOMWEB_USER and KTS_DICOMWEB_PASSWORD "
+                    "(never on the command line). Needs pip install \"kidney-tumor-seg[dicom]\".")
+    pacs.add_argument("--url", required=True, help="DICOMweb base URL, e.g. http://host:8042/dicom-web")
+    pacs.add_argument("--study", required=True, metavar="UID", help="StudyInstanceUID")
+    pacs.add_argument("--series", metavar="UID", help="SeriesInstanceUID (default: the study's largest CT series)")
+    pacs.add_argument("--auth-file", metavar="FILE",
+                      help="file of NAME=value lines (KTS_DICOMWEB_TOKEN, or KTS_DICOMWEB_USER and KTS_DICOMWEB_PASSWORD)")
+    pacs.add_argument("--no-sr", action="store_true", help="store only the SEG, not the measurement SR")
+    pacs.add_argument("--model", default=None, help="model package name or folder (default: the bundled default model)")
+    pacs.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    pacs.add_argument("--tta", action="store_true", help="mirror test-time augmentation (slower)")
+    pacs.add_argument("--force", action="store_true", help="accept images whose intensities do not look like CT in HU")
+    pacs.add_argument("--progress", choices=("bar", "json", "none"), default="bar", help="progress on stderr (default: bar)")
+    pacs.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    pacs.set_defaults(func=cmd_pacs)
 
     models = sub.add_parser("models", help="list or install model packages")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -259,6 +366,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.DEBUG if args.debug else (logging.WARNING if quiet else logging.INFO),
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
+    if not args.debug:  # their step-by-step INFO lines are noise on a command line
+        for name in ("highdicom", "dicomweb_client"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     from .errors import KidneyTumorSegError
 
     try:

@@ -277,7 +277,10 @@ def _holds_dicom_series(folder: Path) -> bool:
     return bool(list_dicom_series(folder))
 
 
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
+def select_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> DicomSeries:
+    """The series :func:`read_image` reads from ``folder``: ``series_uid``, or the one with most
+    files (a warning names the others). Raises InputError when there is none or no such UID."""
+    folder = Path(folder)
     series = list_dicom_series(folder)
     if not series:
         n_images = sum(1 for f in folder.iterdir() if f.is_file() and image_suffix(f) in SUPPORTED_IMAGE_SUFFIXES)
@@ -300,6 +303,11 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
                 "use --series UID to choose another",
                 folder, len(series), _describe(chosen), others,
             )
+    return chosen
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
+    chosen = select_dicom_series(folder, series_uid)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(chosen.files))
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -449,24 +457,19 @@ def _umask() -> int:
     return mask
 
 
-def write_image_atomic(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``image`` to ``path`` atomically and return the path.
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, overwrite: bool = False, suffix: str | None = None) -> Iterator[Path]:
+    """The one home of the atomic-output rule: yield a temporary path to write, then rename it over ``path``.
 
-    The suffix must be one of :data:`WRITABLE_SUFFIXES` (``.nii``,
-    ``.nii.gz``, ``.nrrd``, ``.mha``); ``.nii.gz``, ``.nrrd`` and ``.mha`` are
-    compressed. The parent folder is created if missing. The image is written
-    to a hidden temporary file with the same suffix in the same folder,
-    flushed to disk, then renamed over ``path``; on any failure (including
-    an interrupt) the temporary file is removed and an existing ``path`` is
-    left untouched. Raises OutputError if the suffix is not writable, ``path``
-    exists and ``overwrite`` is False, or the folder cannot be written.
+    Refuses an existing ``path`` unless ``overwrite`` and a ``path`` that is a folder; creates
+    the parent folder. The caller writes the temporary file (hidden, same folder, same
+    ``suffix``, default: :func:`image_suffix` of ``path``); on success it gets ordinary
+    permissions, is flushed to disk and renamed over ``path``; on any failure (including an
+    interrupt) it is removed and an existing ``path`` is left untouched. OSError from the
+    caller's writing becomes OutputError.
     """
     p = Path(path)
-    suffix = image_suffix(p)
-    if suffix not in WRITABLE_SUFFIXES:
-        raise OutputError(
-            f"Cannot write {p}: expected a file name ending in {', '.join(WRITABLE_SUFFIXES)}, got {suffix or 'no suffix'!r}"
-        )
+    suffix = image_suffix(p) if suffix is None else suffix
     if p.is_dir():
         raise OutputError(f"Cannot write {p}: it is an existing folder, expected a file name")
     if p.exists() and not overwrite:
@@ -476,17 +479,15 @@ def write_image_atomic(image: sitk.Image, path: str | os.PathLike, overwrite: bo
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"Cannot create the output folder {parent}: {exc.strerror or exc}") from exc
+    stem = p.name[: -len(suffix)] if suffix and p.name.endswith(suffix) else p.name
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name[: -len(suffix)]}.tmp-", suffix=suffix, dir=parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.tmp-", suffix=suffix, dir=parent)
     except OSError as exc:
         raise OutputError(f"Cannot write in the output folder {parent}: {exc.strerror or exc}") from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        writer = sitk.ImageFileWriter()
-        writer.SetFileName(str(tmp))
-        writer.SetUseCompression(suffix in _COMPRESSED_SUFFIXES)
-        writer.Execute(image)
+        yield tmp
         # mkstemp creates the file 0600; give the output ordinary permissions.
         os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as fh:
@@ -495,9 +496,31 @@ def write_image_atomic(image: sitk.Image, path: str | os.PathLike, overwrite: bo
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(exc, RuntimeError):
-            raise OutputError(f"Cannot write {p}: {_condense_itk_error(exc)}") from exc
         if isinstance(exc, OSError):
             raise OutputError(f"Cannot write {p}: {exc.strerror or exc}") from exc
         raise
+
+
+def write_image_atomic(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``image`` to ``path`` atomically (see :func:`atomic_output`) and return the path.
+
+    The suffix must be one of :data:`WRITABLE_SUFFIXES` (``.nii``,
+    ``.nii.gz``, ``.nrrd``, ``.mha``); ``.nii.gz``, ``.nrrd`` and ``.mha`` are
+    compressed. Raises OutputError if the suffix is not writable, ``path``
+    exists and ``overwrite`` is False, or the folder cannot be written.
+    """
+    p = Path(path)
+    suffix = image_suffix(p)
+    if suffix not in WRITABLE_SUFFIXES:
+        raise OutputError(
+            f"Cannot write {p}: expected a file name ending in {', '.join(WRITABLE_SUFFIXES)}, got {suffix or 'no suffix'!r}"
+        )
+    with atomic_output(p, overwrite=overwrite, suffix=suffix) as tmp:
+        writer = sitk.ImageFileWriter()
+        writer.SetFileName(str(tmp))
+        writer.SetUseCompression(suffix in _COMPRESSED_SUFFIXES)
+        try:
+            writer.Execute(image)
+        except RuntimeError as exc:
+            raise OutputError(f"Cannot write {p}: {_condense_itk_error(exc)}") from exc
     return p

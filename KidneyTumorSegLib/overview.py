@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import geometry as geo
+from .imageio import atomic_output
 
 WINDOW_HU = (-160.0, 240.0)
 COLOURS = {1: (40, 220, 60), 2: (240, 40, 40), 3: (60, 120, 255)}
@@ -90,8 +91,6 @@ def write_overview_png(ct: sitk.Image, labels: sitk.Image, path: Path, truth: Op
     picture = np.concatenate([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows], axis=0)
     picture = picture.repeat(2, axis=0).repeat(2, axis=1)  # 0.5 mm display pixels: outlines readable
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    sitk.WriteImage(sitk.GetImageFromArray(picture, isVector=True), str(tmp))
-    tmp.replace(path)
+    with atomic_output(path, overwrite=True) as tmp:  # the caller decides about overwriting
+        sitk.WriteImage(sitk.GetImageFromArray(picture, isVector=True), str(tmp))
     return path

@@ -4,7 +4,9 @@
 ``Slicer --no-splash --no-main-window --python-script``. Each NIfTI/NRRD/MetaImage file in the
 input folder is one case, and so is each sub-folder holding a DICOM series. Every case gets
 ``<case>.seg.nrrd`` in the output folder, and ``measurements.csv`` gets one row per case
-(``status`` ok/failed with the reason). The exit code is 1 if any case failed.
+(``status`` ok/failed with the reason). With ``--dicom-seg`` each DICOM case also gets
+``<case>.dcm``, a DICOM SEG written by the library's own command line (the same code as
+``kidney-tumor-seg segment FOLDER -o case.dcm``). The exit code is 1 if any case failed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import csv
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -25,6 +28,8 @@ from .logic import KidneyTumorSegLogic, SegmentationError
 logger = logging.getLogger(__name__)
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: seconds one DICOM SEG run of the library may take
+DICOM_SEG_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -97,13 +102,42 @@ def writeCsv(path: str, rows: Sequence[dict]) -> None:
         writer.writerows(rows)
 
 
+def writeDicomSeg(logic: KidneyTumorSegLogic, case: Case, outputDir: str, options: dict,
+                  log: Callable[[str], None] = logger.info) -> Optional[dict]:
+    """``<case>.dcm``, the DICOM SEG of a DICOM case (its largest series), written by the library's
+    command line; returns a failed CSV row, or None when it was written."""
+    outputPath = os.path.join(outputDir, f"{case.name}.dcm")
+    root = logic.libraryRoot()
+    with tempfile.TemporaryDirectory(prefix="KidneyTumorSeg-dicomseg-") as tmp:
+        args = process.buildSegmentCommand(logic.pythonExecutable(), case.path, outputPath, os.path.join(tmp, "stats.json"),
+                                           model=options.get("model"), device=options.get("device", "auto"),
+                                           tta=options.get("tta", False), force=options.get("force", False))
+        try:
+            code, lines = process.runToCompletion(logic.runner, args, process.buildEnvironment(root), cwd=root,
+                                                  timeoutSeconds=DICOM_SEG_TIMEOUT_S)
+        except (TimeoutError, OSError) as exc:
+            code, lines = -1, [str(exc)]
+    if code != 0:
+        reason = process.failureMessage(lines, code)
+        log(f"  failed: DICOM SEG: {reason}")
+        return results.csvRow(f"{case.name} (DICOM SEG)", "failed", f"DICOM SEG: {reason}")
+    log(f"  DICOM SEG: {outputPath}")
+    return None
+
+
 def runBatch(logic: KidneyTumorSegLogic, cases: Sequence[Case], outputDir: str, options: dict,
-             load: Callable[[Case], list] = loadCase, log: Callable[[str], None] = logger.info) -> List[dict]:
-    """Segment every case; returns the CSV rows (one per volume, or one per case that failed to load)."""
+             load: Callable[[Case], list] = loadCase, log: Callable[[str], None] = logger.info,
+             dicomSeg: bool = False) -> List[dict]:
+    """Segment every case; returns the CSV rows (one per volume, or one per case that failed to load;
+    with ``dicomSeg`` also one per DICOM case whose DICOM SEG failed)."""
     os.makedirs(outputDir, exist_ok=True)
     rows = []
     for index, case in enumerate(cases, start=1):
         log(f"[{index}/{len(cases)}] {case.name}")
+        if dicomSeg and case.kind == "dicom":
+            failed = writeDicomSeg(logic, case, outputDir, options, log)
+            if failed is not None:
+                rows.append(failed)
         try:
             volumes = load(case)
             if not volumes:
@@ -150,6 +184,8 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (slower)")
     parser.add_argument("--no-cyst-segment", action="store_true", help="keep cysts inside the Kidney segment")
     parser.add_argument("--force", action="store_true", help="segment volumes that do not look like CT in HU")
+    parser.add_argument("--dicom-seg", action="store_true",
+                        help="also write <case>.dcm, a DICOM SEG, for each DICOM case (segmented by the library once more)")
     return parser.parse_args(list(argv))
 
 
@@ -171,7 +207,7 @@ def main(argv: Sequence[str], logic: Optional[KidneyTumorSegLogic] = None,
     logic = logic or KidneyTumorSegLogic()
     options = dict(model=args.model, device=args.device, tta=args.tta,
                    cystSegment=not args.no_cyst_segment, force=args.force)
-    rows = runBatch(logic, cases, args.output, options, log=log)
+    rows = runBatch(logic, cases, args.output, options, log=log, dicomSeg=args.dicom_seg)
     csvPath = os.path.join(args.output, "measurements.csv")
     writeCsv(csvPath, rows)
     failed = sum(row["status"] != "ok" for row in rows)
