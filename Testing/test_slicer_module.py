@@ -885,6 +885,293 @@ def test_widget_survives_devices_listing_failure(logic, scene, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
+# What real MRML does that the old stand-in hid (issue 14), and the radiologist's loop
+# --------------------------------------------------------------------------------------------
+
+def test_fresh_scene_without_an_active_volume(logic, scene):
+    """Real MRML raises TypeError for GetNodeByID(None): setup() on a fresh scene must not ask."""
+    selection = slicer.app.applicationLogic().GetSelectionNode()
+    assert selection is not None and selection.GetActiveVolumeID() is None
+    with pytest.raises(TypeError):
+        slicer.mrmlScene.GetNodeByID(None)
+    widget = makeWidget(logic)
+    assert widget.ui.inputVolumeSelector.currentNode() is None and not widget.ui.applyButton.enabled
+    volume = addCT()  # a volume loaded afterwards, not shown in the views: the first grey-level volume
+    widget.initializeParameterNode()
+    assert widget.ui.inputVolumeSelector.currentNode() is volume
+    widget.cleanup()
+
+
+def test_rgb_volume_is_never_offered_or_preselected(logic, scene):
+    """Vector (RGB) volumes are vtkMRMLScalarVolumeNode subclasses in real MRML."""
+    rgb = slicer.util.addVolumeFromArray(np.zeros((8, 8, 8, 3), np.uint8), name="photo",
+                                         nodeClassName="vtkMRMLVectorVolumeNode")
+    assert rgb.IsA("vtkMRMLScalarVolumeNode")
+    slicer.app.applicationLogic().GetSelectionNode().SetActiveVolumeID(rgb.GetID())  # shown in the views
+    widget = makeWidget(logic)
+    assert widget._parameterNode.GetNodeReference("InputVolume") is None
+    assert widget.ui.inputVolumeSelector.currentNode() is None
+    assert rgb not in widget.ui.inputVolumeSelector.nodes()
+    ct = addCT()
+    assert widget.ui.inputVolumeSelector.nodes() == [ct]
+    assert widget._defaultInputVolume() is ct  # the active RGB volume is passed over
+    widget.ui.inputVolumeSelector.setCurrentNode(rgb)
+    assert widget.ui.inputVolumeSelector.currentNode() is None
+    assert "not a scalar" in logic.inputProblem(rgb)
+    widget.cleanup()
+
+
+def test_scene_close_resets_the_parameter_node_and_the_panel_recovers(logic, scene):
+    """scene.Clear(0) keeps singleton nodes but resets them: the parameter node loses its values."""
+    volume = addCT()
+    slicer.app.applicationLogic().GetSelectionNode().SetActiveVolumeID(volume.GetID())
+    widget = makeWidget(logic)
+    widget.ui.ttaCheckBox.checked = True
+    parameterNode = widget._parameterNode
+    assert parameterNode.GetParameter("TestTimeAugmentation") == "true"
+    slicer.mrmlScene.Clear(0)
+    assert slicer.mrmlScene.IsNodePresent(parameterNode)  # the same singleton, reset
+    assert widget._parameterNode is parameterNode
+    assert parameterNode.GetParameter("Device") == "auto" and parameterNode.GetParameter("CystSegment") == "true"
+    assert parameterNode.GetParameter("TestTimeAugmentation") == "false" and not widget.ui.ttaCheckBox.checked
+    assert widget.ui.inputVolumeSelector.currentNode() is None and not widget.ui.applyButton.enabled
+    assert widget.ui.resultsTable.rowCount == 0
+    # Re-open: a new CT in the emptied scene is picked up and segmented.
+    again = addCT("Second CT")
+    slicer.app.applicationLogic().GetSelectionNode().SetActiveVolumeID(again.GetID())
+    widget.initializeParameterNode()
+    assert widget.ui.inputVolumeSelector.currentNode() is again
+    runWidget(widget)
+    assert widget._run.state == "succeeded"
+    widget.cleanup()
+
+
+def test_parameter_node_survives_scene_save_and_reload(logic, scene, tmp_path):
+    volume = addCT()
+    widget = makeWidget(logic)
+    widget.ui.inputVolumeSelector.setCurrentNode(volume)
+    widget.ui.deviceComboBox.setCurrentIndex(widget.ui.deviceComboBox.findData("cpu"))
+    widget.ui.ttaCheckBox.checked = True
+    runWidget(widget)
+    segmentation = widget.ui.outputSegmentationSelector.currentNode()
+    table = widget._parameterNode.GetNodeReference("ResultTable")
+    assert table is not None and table.GetNumberOfRows() == 3
+    widget.cleanup()
+
+    # Save as Slicer's Save dialog does: each storable node to its file, then the scene (.mrml).
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    for node, fileName in ((volume, "ct.nrrd"), (segmentation, "seg.seg.nrrd"), (table, "results.tsv")):
+        node.AddDefaultStorageNode()
+        node.GetStorageNode().SetFileName(str(folder / fileName))
+        assert node.GetStorageNode().WriteData(node)
+    slicer.mrmlScene.SetURL(str(folder / "scene.mrml"))
+    assert slicer.mrmlScene.Commit()
+
+    slicer.mrmlScene.Clear(0)
+    assert logic.getParameterNode().GetParameter("Device") == ""
+    slicer.mrmlScene.SetURL(str(folder / "scene.mrml"))
+    slicer.mrmlScene.Import()
+
+    node = logic.getParameterNode()
+    assert (node.GetParameter("Device"), node.GetParameter("TestTimeAugmentation")) == ("cpu", "true")
+    loadedVolume = node.GetNodeReference("InputVolume")
+    loadedSegmentation = node.GetNodeReference("ResultSegmentation")
+    assert loadedVolume.GetName() == "Abdomen CT" and node.GetNodeReference("ResultVolume") is loadedVolume
+    # The CT is left-handed (obliqueIjkToRas): reloaded from its .nrrd it comes back with k
+    # reversed (Slicer >= 5.8); the reloaded segments still cover the same voxels physically.
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(loadedVolume), makeCT()[::-1])
+    assert segmentNames(loadedSegmentation) == ["Kidney", "Tumor", "Cyst"]
+    assert terminologyOf(loadedSegmentation, "Tumor") == terminology.TUMOR_SEGMENT.terminology
+    np.testing.assert_array_equal(segmentArray(loadedSegmentation, "Tumor", loadedVolume),
+                                  (makeCT()[::-1] == TUMOR_HU).astype(np.uint8))
+    loadedTable = node.GetNodeReference("ResultTable")
+    assert loadedTable.GetNumberOfRows() == 3 and loadedTable.GetCellText(0, 0) == "Kidney (right)"
+    assert json.loads(node.GetParameter("Results"))["labels_present"] == [1, 2, 3]
+
+    again = makeWidget(logic)
+    assert again.ui.inputVolumeSelector.currentNode() is loadedVolume
+    assert again.ui.deviceComboBox.currentData == "cpu" and again.ui.ttaCheckBox.checked
+    assert again.ui.resultsTable.rowCount == 3 and again.ui.editButton.enabled
+    again.cleanup()
+
+
+def test_left_handed_input_is_segmented_right_in_physical_space(logic, scene, tmp_path):
+    """Slicer >= 5.8 loads a left-handed NIfTI with k reversed (ForceRightHandedIJKCoordinateSystem):
+    the arrays are flipped against the file's, the segments are still where the file says."""
+    path = tmp_path / "left_handed.nii.gz"
+    reference = writeNifti(path, makeCT(), obliqueIjkToRas())
+    assert isLeftHanded(reference)
+    volume = slicer.util.loadVolume(str(path))
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    assert matrix.Determinant() > 0  # made right-handed on load
+    array = slicer.util.arrayFromVolume(volume)
+    np.testing.assert_array_equal(array, makeCT()[::-1])  # index by index: k reversed
+
+    node = logic.segment(volume, cystSegment=False)
+    kidney = segmentArray(node, "Kidney", volume)
+    out = tmp_path / "result.seg.nrrd"
+    batch.writeSegmentation(node, str(out))
+    saved = sitk.ReadImage(str(out))
+    expected = np.isin(makeCT(), (KIDNEY_HU, CYST_HU))
+    assert not np.array_equal(kidney > 0, expected)  # an index-by-index comparison would call this wrong
+    np.testing.assert_array_equal(onGrid(saved, reference) == 1, expected)  # physically it is right
+    np.testing.assert_array_equal(onGrid(saved, reference) == 2, makeCT() == TUMOR_HU)
+
+
+def test_library_refusal_as_not_ct_asks_then_retries_with_force(logic, scene, monkeypatch):
+    """The library's structured error (JSON progress stream) gets the same question as the
+    panel's own check, then a run with --force."""
+    monkeypatch.setenv("FAKE_KTS_BEHAVIOUR", "notct")
+    volume = addCT()
+    widget = makeWidget(logic)
+    widget.ui.inputVolumeSelector.setCurrentNode(volume)
+    assert widget.ui.applyButton.enabled  # the in-process check finds it CT-like
+    shim.state.answers = [True]
+    runWidget(widget)
+    assert shim.state.dialogs[-1][0] == "confirmYesNo" and "Segment anyway?" in shim.state.dialogs[-1][1]
+    assert "not CT-like" in shim.state.dialogs[-1][1]
+    waitFor(lambda: widget._run.finished)
+    assert widget._run.state == "succeeded" and widget._run.options["force"]
+    assert "--force" in json.loads((scene.record / "argv.json").read_text(encoding="utf-8"))
+    assert not any("{" in line for line in widget._run.logLines if '"error"' in line)  # not shown as log text
+    widget.cleanup()
+
+    shim.state.answers = [False]
+    widget = makeWidget(logic)
+    widget.ui.inputVolumeSelector.setCurrentNode(volume)
+    widget.ui.outputSegmentationSelector.setCurrentNode(None)
+    runWidget(widget)
+    assert widget._run.state == "failed" and "does not look like a CT" in widget.ui.statusLabel.text
+    widget.cleanup()
+
+
+def test_update_measurements_after_editing_uses_the_librarys_code(logic, scene, tmp_path):
+    measurements = pytest.importorskip("KidneyTumorSegLib.measurements")
+    volume = addCT()
+    widget = makeWidget(logic)
+    widget.ui.inputVolumeSelector.setCurrentNode(volume)
+    runWidget(widget)
+    ui = widget.ui
+    node = ui.outputSegmentationSelector.currentNode()
+    assert ui.updateMeasurementsButton.enabled and ui.exportCsvButton.enabled
+
+    # The radiologist's corrections (what the Segment Editor leaves): a second tumor painted in
+    # the left kidney, the cyst erased.
+    ct = makeCT()
+    tumor = (ct == TUMOR_HU).astype(np.uint8)
+    tumor[4:7, 6:9, 13:16] = 1
+    segmentation = node.GetSegmentation()
+    slicer.util.updateSegmentBinaryLabelmapFromArray(tumor, node, segmentation.GetSegmentIdBySegmentName("Tumor"), volume)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(np.zeros_like(tumor), node,
+                                                     segmentation.GetSegmentIdBySegmentName("Cyst"), volume)
+    ui.updateMeasurementsButton.click()
+
+    expectedLabels = np.zeros(ct.shape, np.uint8)
+    expectedLabels[ct == KIDNEY_HU] = 1
+    expectedLabels[tumor > 0] = 2
+    expected = measurements.measure(segments.labelImageLPS(expectedLabels, volume))
+    stats = json.loads(widget._parameterNode.GetParameter("Results"))
+    assert stats["tumors"]["count"] == 2 == expected["tumors"]["count"]
+    assert stats["tumors"]["total_volume_ml"] == pytest.approx(expected["tumors"]["total_volume_ml"])
+    assert stats["tumors"]["largest_diameter_mm"] == pytest.approx(expected["tumors"]["largest_diameter_mm"])
+    assert stats["cysts"]["count"] == 0
+    assert [k["side"] for k in stats["kidneys"]] == [k["side"] for k in expected["kidneys"]]
+    assert len(stats["kidneys"]) == 2
+    rows = results.tableRows(stats)
+    assert ui.resultsTable.rowCount == len(rows) and ui.resultsTable.item(len(rows) - 2, 2).text().startswith("2 found")
+    table = widget._parameterNode.GetNodeReference("ResultTable")
+    assert table.GetNumberOfRows() == len(rows)
+    assert [table.GetCellText(r, 0) for r in range(len(rows))] == [row[0] for row in rows]
+    assert json.loads(node.GetAttribute("KidneyTumorSeg.Stats")) == stats
+    assert "Measured the current segments" in ui.statusLabel.text
+
+    csvPath = tmp_path / "export.csv"
+    qt._fileDialogAnswers.append(str(csvPath))
+    ui.exportCsvButton.click()
+    lines = csvPath.read_text(encoding="utf-8").splitlines()
+    assert lines[0].split(",") == list(results.CSV_COLUMNS)
+    row = dict(zip(results.CSV_COLUMNS, lines[1].split(",")))
+    assert (row["case"], row["status"], row["tumor_count"], row["cyst_count"]) == ("Abdomen CT", "ok", "2", "0")
+    widget.cleanup()
+
+
+def test_phantom_warning_comes_from_the_manifest_provenance(logic, scene):
+    widget = makeWidget(logic)
+    combo, label = widget.ui.modelComboBox, widget.ui.modelDescriptionLabel
+    combo.setCurrentIndex(combo.findData("fake-phantom"))
+    assert "synthetic phantoms only" in label.text  # provenance.data.phantoms: true
+    combo.setCurrentIndex(combo.findData("nocyst"))  # "phantom" in its texts, trained on KiTS19
+    assert "phantom" in label.text and "synthetic phantoms only" not in label.text
+    combo.setCurrentIndex(combo.findData("undeclared"))
+    assert "does not say what data" in label.text
+    widget.cleanup()
+
+
+def test_qt_stand_in_offers_only_what_real_qt_has():
+    """Every signal, property and public method of the qt stand-in exists on the real Qt 5 class
+    (PyQt5's meta-objects); the CTK/qMRML stand-ins are checked against their headers' lists."""
+    QtCore = pytest.importorskip("PyQt5.QtCore")
+    QtWidgets = pytest.importorskip("PyQt5.QtWidgets")
+
+    def metaNames(realClass):
+        meta = realClass.staticMetaObject
+        signals = set()
+        for i in range(meta.methodCount()):
+            method = meta.method(i)
+            if method.methodType() == QtCore.QMetaMethod.Signal:
+                signals.add(bytes(method.methodSignature()).decode().replace("const QString&", "QString"))
+        return signals, {meta.property(i).name() for i in range(meta.propertyCount())}
+
+    pythonQtOnly = {"connect", "className", "name"}  # PythonQt's QObject API (PyQt spells these differently)
+    checked = 0
+    for name in dir(qt):
+        standIn = getattr(qt, name)
+        if not (isinstance(standIn, type) and issubclass(standIn, qt.QObject)):
+            continue
+        real = getattr(QtWidgets, name, None) or getattr(QtCore, name)
+        signals, properties = metaNames(real)
+        assert standIn._all("SIGNALS") <= signals, (name, standIn._all("SIGNALS") - signals)
+        assert standIn._all("PROPERTIES") <= properties, (name, standIn._all("PROPERTIES") - properties)
+        for klass in standIn.__mro__:
+            for attribute in vars(klass):
+                if attribute.startswith("_") or attribute.isupper() or attribute in pythonQtOnly:
+                    continue
+                assert hasattr(real, attribute) or attribute in properties, f"{name}.{attribute} is not Qt's"
+        checked += 1
+    assert checked >= 10
+    for name in ("QTableWidgetItem", "QMessageBox", "QAbstractItemView", "QIcon", "Qt"):
+        if hasattr(qt, name):
+            real = getattr(QtWidgets, name, None) or getattr(QtCore, name, None) or getattr(__import__("PyQt5.QtGui").QtGui, name)
+            for attribute in vars(getattr(qt, name)):
+                if not attribute.startswith("_"):
+                    assert hasattr(real, attribute), f"qt.{name}.{attribute} is not Qt's"
+
+    # No PyQt for CTK and qMRML: their stand-ins against the Q_PROPERTY / signals lists of
+    # CTK's Libs/Widgets/ctkCollapsibleButton.h and Slicer's Libs/MRML/Widgets/qMRMLNodeComboBox.h.
+    abstractButtonSignals, abstractButtonProperties = metaNames(QtWidgets.QAbstractButton)
+    headers = {
+        ctk.ctkCollapsibleButton: ({"contentsCollapsed(bool)"} | abstractButtonSignals,
+                                   {"collapsed", "collapsedHeight", "contentsFrameShape", "contentsFrameShadow",
+                                    "contentsLineWidth", "contentsMidLineWidth", "buttonTextAlignment",
+                                    "indicatorAlignment"} | abstractButtonProperties),
+        shim.qMRMLNodeComboBox: ({"currentNodeChanged(vtkMRMLNode*)", "currentNodeIDChanged(QString)",
+                                  "nodeActivated(vtkMRMLNode*)", "currentNodeChanged(bool)", "nodeAdded(vtkMRMLNode*)",
+                                  "nodeAddedByUser(vtkMRMLNode*)", "nodeAddedByUserAction(vtkMRMLNode*)",
+                                  "nodeAboutToBeRemoved(vtkMRMLNode*)"} | metaNames(QtWidgets.QWidget)[0],
+                                 {"currentNodeID", "currentNodeId", "nodeTypes", "showHidden", "showChildNodeTypes",
+                                  "hideChildNodeTypes", "baseName", "noneEnabled", "addEnabled", "removeEnabled",
+                                  "editEnabled", "renameEnabled", "interactionNodeSingletonTag",
+                                  "selectNodeUponCreation", "noneDisplay", "sizeAdjustPolicy"}
+                                 | metaNames(QtWidgets.QWidget)[1]),
+    }
+    for standIn, (signals, properties) in headers.items():
+        assert standIn._all("SIGNALS") <= signals, (standIn, standIn._all("SIGNALS") - signals)
+        assert standIn._all("PROPERTIES") <= properties, (standIn, standIn._all("PROPERTIES") - properties)
+
+
+# --------------------------------------------------------------------------------------------
 # Batch mode
 # --------------------------------------------------------------------------------------------
 

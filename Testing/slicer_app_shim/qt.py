@@ -238,25 +238,25 @@ class QLayout(QObject):
             self._owner._children.append(widget)
             object.__setattr__(widget, "_parent", self._owner)
 
+
+class QBoxLayout(QLayout):
     def addStretch(self, stretch: int = 0) -> None:
         pass
 
-    def addRow(self, *args) -> None:
-        for arg in args:
-            if isinstance(arg, QWidget):
-                self.addWidget(arg)
 
-
-class QVBoxLayout(QLayout):
+class QVBoxLayout(QBoxLayout):
     pass
 
 
-class QHBoxLayout(QLayout):
+class QHBoxLayout(QBoxLayout):
     pass
 
 
 class QFormLayout(QLayout):
-    pass
+    def addRow(self, *args) -> None:
+        for arg in args:
+            if isinstance(arg, QWidget):
+                self.addWidget(arg)
 
 
 class QAbstractButton(QWidget):
