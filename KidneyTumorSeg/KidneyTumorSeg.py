@@ -592,12 +592,15 @@ def _trainedOnPhantoms(info):
 #
 
 class KidneyTumorSegTest(ScriptedLoadableModuleTest):
-    """Runs in Slicer (Reload & Test, or ctest): segments a phantom CT (the library's bundled
-    sample when present, else one made here) with the bundled default model and checks the
-    segments, their names, terminology, geometry and overlap with the phantom's truth."""
+    """Runs in Slicer (Reload & Test, or ctest) and in CI on real Slicer core (slicer-core):
+    segments a phantom CT (the library's bundled sample when present, else one made here) with
+    the bundled default model through the library's real background process, and checks the
+    segments, their names, colours, terminology, geometry, overlap with the phantom's truth,
+    and the measurements of the segments. The result stays in ``self.segmentationNode``,
+    ``self.volumeNode`` and ``self.stats``."""
 
     def setUp(self):
-        slicer.mrmlScene.Clear()
+        slicer.mrmlScene.Clear(0)
 
     def runTest(self):
         self.setUp()
@@ -636,6 +639,7 @@ class KidneyTumorSegTest(ScriptedLoadableModuleTest):
         progress = []
         segmentationNode = logic.segment(volume, device="cpu", progressCallback=lambda f, m: progress.append(f))
         self.assertIsNotNone(segmentationNode)
+        self.volumeNode, self.segmentationNode = volume, segmentationNode
         self.assertTrue(progress and progress[-1] == 1.0)
 
         segmentation = segmentationNode.GetSegmentation()
@@ -664,6 +668,14 @@ class KidneyTumorSegTest(ScriptedLoadableModuleTest):
         dice = 2.0 * np.logical_and(region, truth > 0).sum() / (int(region.sum()) + int((truth > 0).sum()))
         logging.info(f"KidneyTumorSeg self-test: kidney+masses Dice on the phantom = {dice:.3f}")
         self.assertGreater(dice, 0.5, f"kidney+masses Dice {dice:.3f} on the phantom is too low")
+
+        # Measurements of the segments (what "Update measurements" computes) agree with the run's.
+        self.stats = logic.lastRun.stats
+        measured = logic.measureSegmentation(segmentationNode, volume)
+        self.assertEqual(len(measured["kidneys"]), len(self.stats["kidneys"]))
+        self.assertEqual(measured["tumors"]["count"], self.stats["tumors"]["count"])
+        for kidney, reported in zip(measured["kidneys"], self.stats["kidneys"]):
+            self.assertAlmostEqual(kidney["volume_ml"], reported["volume_ml"], delta=0.01 * reported["volume_ml"] + 0.1)
 
         # The input volume is untouched.
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), before))

@@ -15,10 +15,12 @@ The self-test and batch mode also run the real library with the bundled model.
 from __future__ import annotations
 
 import ast
+import csv
 import json
 import os
 import re
 import struct
+import subprocess
 import sys
 import textwrap
 import time
@@ -1504,3 +1506,64 @@ def test_closing_the_scene_during_a_run_cancels_it(logic, scene, monkeypatch):
     assert widget._parameterNode is not None and widget.ui.inputVolumeSelector.currentNode() is None
     assert not widget.ui.applyButton.enabled
     widget.cleanup()
+
+
+# --------------------------------------------------------------------------------------------
+# The real library: the module's self-test, and batch mode under plain Python
+# --------------------------------------------------------------------------------------------
+
+SAMPLE_CT = REPO / "KidneyTumorSegLib" / "data" / "sample_ct.nii.gz"
+
+
+@pytest.mark.slow
+def test_self_test_and_plain_python_batch_mode_on_the_bundled_sample(scene, tmp_path):
+    """``KidneyTumorSegTest`` (what Slicer's Reload & Test and ``ctest -R py_KidneyTumorSeg`` run)
+    segments the bundled sample through the real library process on real MRML; then
+    ``batch_segment.py`` under plain Python (slicer-core, no Slicer application) on two cases,
+    one failing on purpose, writes the same segments and measurements."""
+    pytest.importorskip("torch")
+    if not SAMPLE_CT.is_file():
+        pytest.skip("the bundled sample CT is missing")
+    inputs, outputs = tmp_path / "cases", tmp_path / "results"
+    inputs.mkdir()
+    (inputs / "case_148.nii.gz").write_bytes(SAMPLE_CT.read_bytes())
+    sample = sitk.ReadImage(str(SAMPLE_CT))
+    notCT = sitk.Cast(sample, sitk.sitkInt16) + 1100  # no air, no fat: the library's rule refuses it
+    sitk.WriteImage(notCT, str(inputs / "mr_like.nii.gz"))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST")}
+    env["PYTHONPATH"] = str(REPO)  # the library; not the test stand-in: this is plain Python
+    # Batch mode runs in the background while the self-test runs here (halves the wall time).
+    batchRun = subprocess.Popen([sys.executable, str(MODULE_DIR / "Scripts" / "batch_segment.py"), "--input",
+                                 str(inputs), "--output", str(outputs), "--device", "cpu"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        test = KidneyTumorSeg.KidneyTumorSegTest()
+        test.runTest()
+        segmentationNode, volumeNode, stats = test.segmentationNode, test.volumeNode, test.stats
+        assert slicer.mrmlScene.IsNodePresent(segmentationNode)
+        inApplication = tmp_path / "in_application.seg.nrrd"
+        batch.writeSegmentation(segmentationNode, str(inApplication))
+        output, _ = batchRun.communicate(timeout=300)
+    finally:
+        if batchRun.poll() is None:
+            batchRun.kill()
+            batchRun.wait()
+    assert batchRun.returncode == 1, output  # one case failed on purpose
+    rows = {row["case"]: row for row in csv.DictReader((outputs / "measurements.csv").open(encoding="utf-8"))}
+    assert rows["mr_like"]["status"] == "failed" and "not CT-like" in rows["mr_like"]["message"]
+    assert not (outputs / "mr_like.seg.nrrd").exists()
+    ok = rows["case_148"]
+    assert ok["status"] == "ok" and ok["segmentation_file"] == "case_148.seg.nrrd"
+    expected = results.csvRow("case_148", "ok", stats=stats, segmentationFile="case_148.seg.nrrd")
+    assert {k: v for k, v in ok.items() if k != "seconds"} == {k: v for k, v in expected.items() if k != "seconds"}
+
+    written = sitk.ReadImage(str(outputs / "case_148.seg.nrrd"))
+    reference = sitk.ReadImage(str(inApplication))
+    for image in (written, reference):
+        assert [image.GetMetaData(f"Segment{i}_Name") for i in range(3)] == ["Kidney", "Tumor", "Cyst"]
+    for i, spec in enumerate(terminology.ALL_SEGMENTS):
+        assert f"TerminologyEntry:{spec.terminology}|" in written.GetMetaData(f"Segment{i}_Tags")
+        assert written.GetMetaData(f"Segment{i}_Color") == reference.GetMetaData(f"Segment{i}_Color")
+    np.testing.assert_array_equal(onGrid(written, sample), onGrid(reference, sample))
+    assert written.GetOrigin() == pytest.approx(sample.GetOrigin())
+    assert written.GetDirection() == pytest.approx(sample.GetDirection())
