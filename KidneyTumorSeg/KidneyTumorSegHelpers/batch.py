@@ -89,9 +89,15 @@ def prepareScene() -> None:
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
     _logics.clear()
-    for className in ("vtkSlicerColorLogic", "vtkSlicerSegmentationsModuleLogic", "vtkSlicerVolumesLogic"):
+    applicationLogic = slicer.vtkSlicerApplicationLogic()
+    applicationLogic.SetMRMLScene(scene)
+    _logics.append(applicationLogic)
+    for moduleName, className in (("Colors", "vtkSlicerColorLogic"), ("Segmentations", "vtkSlicerSegmentationsModuleLogic"),
+                                  ("Volumes", "vtkSlicerVolumesLogic")):
         logic = getattr(slicer, className)()
+        logic.SetMRMLApplicationLogic(applicationLogic)
         logic.SetMRMLScene(scene)
+        applicationLogic.SetModuleLogic(moduleName, logic)  # the Volumes logic finds Colors here
         _logics.append(logic)
 
 

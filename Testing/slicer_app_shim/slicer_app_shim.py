@@ -483,6 +483,9 @@ def newScene(subjectHierarchyPlugins: bool = True):
         logic.SetMRMLApplicationLogic(applicationLogic)
         logic.SetMRMLScene(scene)
         logics[name] = logic
+        # qSlicerCoreApplication registers each module's logic; the Volumes logic finds Colors there.
+        applicationLogic.SetModuleLogic({"colors": "Colors", "volumes": "Volumes", "segmentations": "Segmentations",
+                                         "subjecthierarchy": "SubjectHierarchy"}[name], logic)
     object.__setattr__(slicer.app, "_applicationLogic", applicationLogic)
     for name, logic in logics.items():
         setattr(slicer.modules, name, _Module(name, logic))
