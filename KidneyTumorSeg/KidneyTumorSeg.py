@@ -316,11 +316,8 @@ class KidneyTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """(refusal, notCT) by the library's own rule (see ``KidneyTumorSegLogic.ctCheck``)."""
         try:
             return self.logic.ctCheck(volume)
-        except SegmentationError as exc:  # the library cannot be imported
-            return "", ""  # the run itself will report it
-        except ImportError as exc:
-            logging.warning("KidneyTumorSeg: the library's input check is unavailable: %s", exc)
-            return "", ""
+        except SegmentationError as exc:  # the library is missing or cannot be imported
+            return str(exc), ""
 
     def _updateApplyButton(self):
         volume = self._parameterNode.GetNodeReference("InputVolume") if self._parameterNode else None

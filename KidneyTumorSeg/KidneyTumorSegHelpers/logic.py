@@ -496,8 +496,11 @@ class KidneyTumorSegLogic(ScriptedLoadableModuleLogic):
             return cached
         import SimpleITK as sitk
 
-        validation = self.libraryModule("validation")
-        errors = self.libraryModule("errors")
+        try:
+            validation = self.libraryModule("validation")
+            errors = self.libraryModule("errors")
+        except ImportError as exc:
+            raise SegmentationError(f"KidneyTumorSegLib could not be imported to check the input: {exc}")
         image = sitk.GetImageFromArray(slicer.util.arrayFromVolume(volumeNode))
         try:
             validation.validate_ct_image(image, force=False)

@@ -28,7 +28,6 @@ Everything else (``slicer.mrmlScene`` and every MRML class, ``slicer.util.arrayF
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import stat
@@ -534,17 +533,3 @@ def install():
     newScene()
     _installed = True
     return slicer
-
-
-@contextlib.contextmanager
-def noApplication():
-    """Plain Python with slicer-core only: no ``slicer.app``, no ``slicer.modules`` (as
-    ``python batch_segment.py`` sees it)."""
-    saved = {name: getattr(slicer, name) for name in ("app", "modules") if hasattr(slicer, name)}
-    for name in saved:
-        delattr(slicer, name)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(slicer, name, value)
