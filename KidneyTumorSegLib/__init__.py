@@ -14,12 +14,12 @@ torch is imported only when a segmentation runs, so importing this package is ch
 from __future__ import annotations
 
 from .errors import (CancelledError, InputError, InsufficientMemoryError, KidneyTumorSegError,
-                     ModelPackageError, OutputError)
+                     ModelPackageError, NotCTLikeError, OutputError)
 
 __version__ = "0.1.0"
 
 __all__ = ["segment", "load_model", "list_models", "__version__", "KidneyTumorSegError", "InputError",
-           "InsufficientMemoryError", "OutputError", "ModelPackageError", "CancelledError"]
+           "InsufficientMemoryError", "NotCTLikeError", "OutputError", "ModelPackageError", "CancelledError"]
 
 
 def load_model(name_or_path=None, verify: bool = True):

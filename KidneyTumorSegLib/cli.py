@@ -376,6 +376,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KidneyTumorSegError as exc:
         if args.debug:
             raise
+        if getattr(args, "progress", None) == "json":
+            # Machine-readable for front ends (the Slicer module): the error's kind, e.g.
+            # NotCTLikeError, which a user may overrule with --force.
+            print(json.dumps({"error": {"kind": type(exc).__name__, "message": str(exc)}}), file=sys.stderr, flush=True)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except ValueError as exc:  # e.g. an unavailable --device

@@ -19,7 +19,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -64,11 +64,23 @@ class ModelInfo:
     has_cyst: bool
     default: bool
     source: str
+    #: the manifest's ``provenance.data`` reduced to its plain values (e.g. ``phantoms``:
+    #: true for a model trained on synthetic phantoms, ``dataset``); {} when it declares none
+    data_provenance: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "version": self.version, "description": self.description,
                 "intended_use": self.intended_use, "path": str(self.path), "labels": dict(self.labels),
-                "has_cyst": self.has_cyst, "default": self.default, "source": self.source}
+                "has_cyst": self.has_cyst, "default": self.default, "source": self.source,
+                "data_provenance": dict(self.data_provenance)}
+
+
+def data_provenance(provenance) -> dict:
+    """The plain (str, number, bool, None) values of a manifest's ``provenance.data``."""
+    data = provenance.get("data") if isinstance(provenance, dict) else None
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if v is None or isinstance(v, (str, int, float, bool))}
 
 
 def _package_dirs() -> list[tuple[Path, str]]:
@@ -89,7 +101,8 @@ def list_models() -> list[ModelInfo]:
             logger.warning("skipping model package %s: %s", path, exc)
             continue
         infos.append(ModelInfo(m.name, m.version, m.description, m.intended_use, path, dict(m.labels), m.has_cyst,
-                               m.name == DEFAULT_MODEL_NAME and source == "bundled", source))
+                               m.name == DEFAULT_MODEL_NAME and source == "bundled", source,
+                               data_provenance(m.provenance)))
     return infos
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, InsufficientMemoryError
+from .errors import InputError, InsufficientMemoryError, NotCTLikeError
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def validate_ct_image(image: sitk.Image, force: bool = False) -> None:
     if force:
         logger.warning("Input is not CT-like: %s; segmenting anyway because force was given", problem)
         return
-    raise InputError(f"Input is not CT-like: {problem}; pass --force to segment it anyway")
+    raise NotCTLikeError(f"Input is not CT-like: {problem}; pass --force to segment it anyway")
 
 
 def _ct_likeness_problem(array: np.ndarray, vmin: float, vmax: float) -> str | None:

@@ -107,6 +107,20 @@ def test_force_accepts_non_ct_intensities(tmp_path, ct_file, package_dir):
     assert run_cli("segment", tmp_path / "shifted.nii.gz", "-o", tmp_path / "a.nii.gz", "--model", package_dir, "--force") == 0
 
 
+def test_not_ct_refusal_is_structured_in_the_json_progress_stream(tmp_path, ct_file, package_dir, capsys):
+    """Front ends (the Slicer module) read the error's kind, to offer --force for this one."""
+    image = sitk.ReadImage(str(ct_file)) + 1100
+    sitk.WriteImage(image, str(tmp_path / "shifted.nii.gz"))
+    assert run_cli("segment", tmp_path / "shifted.nii.gz", "-o", tmp_path / "a.nii.gz", "--model", package_dir,
+                   "--progress", "json") == 1
+    err = capsys.readouterr().err.splitlines()
+    errors = [json.loads(line)["error"] for line in err if line.startswith('{"error"')]
+    assert [e["kind"] for e in errors] == ["NotCTLikeError"] and "not CT-like" in errors[0]["message"]
+    assert err[-1].startswith("error: Input is not CT-like")  # the one-line message stays last
+    assert run_cli("segment", tmp_path / "shifted.nii.gz", "-o", tmp_path / "a.nii.gz", "--model", package_dir) == 1
+    assert not any(line.startswith("{") for line in capsys.readouterr().err.splitlines())  # only with --progress json
+
+
 def test_unwritable_output_folder(tmp_path, ct_file, package_dir, capsys):
     (tmp_path / "a_file").write_text("x")
     assert run_cli("segment", ct_file, "-o", tmp_path / "a_file" / "seg.nii.gz", "--model", package_dir) == 1
@@ -141,6 +155,9 @@ def test_models_list_and_devices_json(capsys):
     assert run_cli("models", "list", "--json") == 0
     models = json.loads(capsys.readouterr().out)
     assert any(m["default"] for m in models)
+    default = next(m for m in models if m["default"])
+    assert default["data_provenance"]["phantoms"] is True  # the manifest's provenance.data, plain values only
+    assert all(not isinstance(v, (list, dict)) for m in models for v in m["data_provenance"].values())
     assert run_cli("devices", "--json") == 0
     devices = json.loads(capsys.readouterr().out)
     assert devices[-1]["kind"] == "cpu"

@@ -129,6 +129,12 @@ def test_mr_like_refused_and_force_warns(caplog):
     image = image_of(_mr_like())
     msg = refused(image, "not CT-like")
     assert "0.5th percentile" in msg and "99.5th percentile" in msg and "--force" in msg
+    from KidneyTumorSegLib.errors import NotCTLikeError
+    with pytest.raises(NotCTLikeError):  # the one refusal --force overrules has its own kind
+        validate_ct_image(image)
+    with pytest.raises(InputError) as other:
+        validate_ct_image(image_of(np.full((8, 9, 10), -1000, np.int16)))
+    assert not isinstance(other.value, NotCTLikeError)
     with caplog.at_level(logging.WARNING, logger="KidneyTumorSegLib.validation"):
         validate_ct_image(image, force=True)
     assert len(caplog.records) == 1 and "not CT-like" in caplog.records[0].getMessage()
