@@ -367,8 +367,7 @@ def read_manifest(path: Path) -> ModelManifest:
 
 
 def write_manifest(manifest: ModelManifest, path: Path) -> None:
-    """Write ``manifest`` as indented JSON (atomically: temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """Write ``manifest`` as indented JSON (atomically and verified: ``imageio.write_json_atomic``)."""
+    from .imageio import write_json_atomic
+
+    write_json_atomic(manifest.to_dict(), Path(path), overwrite=True)
