@@ -13,13 +13,13 @@ torch is imported only when a segmentation runs, so importing this package is ch
 
 from __future__ import annotations
 
-from .errors import (CancelledError, InputError, InsufficientMemoryError, KidneyTumorSegError,
+from .errors import (CancelledError, DeviceError, InputError, InsufficientMemoryError, KidneyTumorSegError,
                      ModelPackageError, OutputError)
 
 __version__ = "0.1.0"
 
 __all__ = ["segment", "load_model", "list_models", "__version__", "KidneyTumorSegError", "InputError",
-           "InsufficientMemoryError", "OutputError", "ModelPackageError", "CancelledError"]
+           "InsufficientMemoryError", "OutputError", "ModelPackageError", "CancelledError", "DeviceError"]
 
 
 def load_model(name_or_path=None, verify: bool = True):

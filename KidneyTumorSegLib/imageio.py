@@ -644,20 +644,20 @@ def check_output_writable(path: str | os.PathLike, overwrite: bool = False) -> N
     full). Creates nothing that stays."""
     p = Path(path)
     if p.is_dir():
-        raise OutputError(f"Cannot write {p}: it is an existing folder, expected a file name")
+        raise OutputError(f"cannot write {p}: it is an existing folder, expected a file name")
     if (p.exists() or p.is_symlink()) and not overwrite:
-        raise OutputError(f"Output {p} already exists; pass --overwrite to replace it")
+        raise OutputError(f"{p} already exists; pass --overwrite to replace it")
     parent = p.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise OutputError(f"Cannot write {p}: {parent} is not a folder")
+        raise OutputError(f"cannot write {p}: {parent} is not a folder")
     try:
         fd, probe = tempfile.mkstemp(prefix=f"{_temp_prefix(p)}{os.getpid()}-probe-", dir=parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise OutputError(f"Cannot write {p}: the folder {parent} is not writable ({exc.strerror or exc})") from None
+        raise OutputError(f"cannot write {p}: the folder {parent} is not writable ({exc.strerror or exc})") from None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], verify: Optional[Callable[[Path], None]] = None,

@@ -127,6 +127,9 @@ def validate_ct_header(image: ImageOrInfo) -> None:
             f"Implausible voxel spacing {spacing_text} mm for a CT (expected {MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm "
             "per axis); the header's spacing is wrong (in cm or um?): fix it before segmenting"
         )
+    direction = np.asarray(info.direction, dtype=float).reshape(3, 3)
+    if not np.all(np.isfinite(direction)) or not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise InputError(f"Expected an orthonormal direction matrix in the header, got {tuple(info.direction)}")
     extent = [n * v for n, v in zip(info.size, spacing)]
     if max(extent) > MAX_EXTENT_MM:
         raise InputError(
