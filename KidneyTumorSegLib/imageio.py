@@ -483,7 +483,12 @@ def read_image_information(path: str | os.PathLike, series_uid: str | None = Non
             gap = sum((x - y) ** 2 for x, y in zip(a, b)) ** 0.5
             if gap > 0:
                 spacing[2] = gap
-    return _reader_info(reader, size=size[:3], spacing=spacing[:3]) if reader.GetDimension() >= 2 else _reader_info(reader)
+    info = _reader_info(reader, size=size[:3], spacing=spacing[:3])
+    if reader.GetDimension() == 2:  # a slice read as 2D: the series is a 3D volume all the same
+        d = reader.GetDirection()
+        info = ImageInfo(3, info.size, info.spacing, (d[0], d[1], 0.0, d[2], d[3], 0.0, 0.0, 0.0, 1.0), info.pixel_id,
+                         info.pixel_type, info.components, info.component_bytes)
+    return info
 
 
 def read_image(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
