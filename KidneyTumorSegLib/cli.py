@@ -2,22 +2,35 @@
 
 Sub-commands: ``segment``, ``pacs``, ``models list|install``, ``devices``, ``demo``. torch and the
 pipeline are imported only inside the commands that need them, so ``--help`` is instant.
-A user error prints one line starting with ``error:`` and exits 1; nothing is traceback.
+A user error (a ``KidneyTumorSegError``) prints one line starting with ``error:`` and
+exits 1; anything else is a bug and shows its traceback (in batch mode per case, the
+other cases still run). SIGINT exits 130, SIGTERM 143, leaving no temporary file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 import time
+import traceback
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 logger = logging.getLogger("KidneyTumorSegLib")
 
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM (what schedulers send): handled like Ctrl-C, so
+    every ``finally`` and cleanup runs and no temporary file is left."""
 
 
 class _ProgressPrinter:
@@ -83,46 +96,73 @@ def _stats_path(stats_arg: Optional[str], output: Path, batch: bool) -> Optional
     return Path(stats_arg) / f"{output.name[:-len('.nii.gz')] if output.name.endswith('.nii.gz') else output.stem}.json"
 
 
-def _write_json_atomic(data, path: Path, overwrite: bool) -> None:
-    from .imageio import atomic_output
+def _same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` are, or would be, the same file (symlinks followed, hard links too)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
-
-def _check_output_free(path: Path, overwrite: bool) -> None:
+def _check_paths_distinct(inputs: Sequence[Path], outputs: Sequence[tuple[Path, str]]) -> None:
+    """Refuse (with or without --overwrite) an output that is an input (a DICOM folder's
+    files included) or another output."""
     from .errors import OutputError
 
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path} already exists; pass --overwrite to replace it")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {path}: {parent} is not a folder")
+    input_files = []
+    for case in inputs:
+        input_files.append(case)
+        if case.is_dir():
+            with contextlib.suppress(OSError):
+                input_files += [f for f in case.iterdir() if f.is_file()]
+    for i, (out, role) in enumerate(outputs):
+        for inp in input_files:
+            if _same_file(out, inp):
+                raise OutputError(f"{role} {out} is the input {inp}; inputs are never overwritten: choose another path")
+        for other, other_role in outputs[:i]:
+            if _same_file(out, other):
+                raise OutputError(f"{out} is both the {other_role} and the {role}; choose distinct paths")
 
 
 def _summarize(stats: dict) -> str:
+    def ml(v: float) -> str:
+        return f"{v:.1f} mL" if v >= 1 or v == 0 else f"{v:.2g} mL"
+
     parts = []
-    for k in stats.get("kidneys", []):
-        parts.append(f"{k['side']} kidney {k['volume_ml']:.1f} mL")
+    kidneys = stats.get("kidneys", [])
+    sides = [k["side"] for k in kidneys]
+    seen = {}
+    for k in kidneys:
+        side = k["side"]
+        seen[side] = seen.get(side, 0) + 1
+        name = f"{side} kidney" if sides.count(side) == 1 else f"{side} kidney component {seen[side]} of {sides.count(side)}"
+        parts.append(f"{name} {ml(k['volume_ml'])}")
     t = stats.get("tumors", {})
     if t.get("count"):
-        parts.append(f"{t['count']} tumor(s) {t['total_volume_ml']:.1f} mL, largest diameter {t['largest_diameter_mm']:.1f} mm")
+        parts.append(f"{t['count']} tumor(s) {ml(t['total_volume_ml'])}, largest diameter {t['largest_diameter_mm']:.1f} mm")
     c = stats.get("cysts", {})
     if c.get("count"):
-        parts.append(f"{c['count']} cyst(s) {c['total_volume_ml']:.1f} mL")
+        parts.append(f"{c['count']} cyst(s) {ml(c['total_volume_ml'])}")
     return "; ".join(parts) if parts else "no kidney found"
 
 
 def _segment_image(segmenter, image, args, prefix: str = ""):
-    """Validate one CT and segment it (shared by ``segment`` and ``pacs``)."""
-    from .validation import check_memory, validate_ct_image
-
-    validate_ct_image(image, force=args.force)
-    check_memory(image)
+    """Segment one CT (shared by ``segment`` and ``pacs``): :meth:`Segmenter.segment` is the one
+    validating entry (CT check, ``--force``, memory against the model's stage grids)."""
     progress = None if args.quiet and args.progress == "bar" else _ProgressPrinter(args.progress, prefix)
-    return segmenter.segment(image, progress=progress)
+    return segmenter.segment(image, progress=progress, force=args.force)
+
+
+def _check_header(path, series_uid, manifest) -> None:
+    """Size, spacing, extent and memory from the header, before the voxels are read."""
+    from .imageio import read_image_information
+    from .validation import check_memory, validate_ct_header
+
+    info = read_image_information(path, series_uid=series_uid)
+    validate_ct_header(info)
+    check_memory(info, manifest=manifest)
 
 
 def _dicom_source(folder, series_uid):
@@ -144,32 +184,53 @@ def _dicom_results(result, datasets, manifest, with_report: bool):
     return seg, report
 
 
+def _error_json_line(args, exc, case=None) -> None:
+    """With ``--progress json``, a user error is also a structured line on stderr (before the
+    ``error:`` line), so front ends (the Slicer module) can read its kind, e.g. NotCTLikeError,
+    which a user may overrule with --force."""
+    if getattr(args, "progress", None) != "json":
+        return
+    error = {"kind": type(exc).__name__, "message": str(exc)}
+    if case is not None:
+        error["input"] = str(case)
+    print(json.dumps({"error": error}), file=sys.stderr, flush=True)
+
+
 def cmd_segment(args) -> int:
     from .dicom import DICOM_SUFFIX
-    from .errors import InputError, KidneyTumorSegError, OutputError
-    from .imageio import image_suffix, read_image, write_image_atomic
+    from .errors import InputError, KidneyTumorSegError
+    from .imageio import (check_output_writable, image_suffix, read_image, remove_stale_temp_files,
+                          write_image_atomic, write_json_atomic)
     from .models import load_package
     from .pipeline import Segmenter
 
     plan = _output_plan(args.inputs, args.output)
-    as_dicom = image_suffix(plan[0][1]) == DICOM_SUFFIX
+    as_dicom = image_suffix(plan[0][1]) == DICOM_SUFFIX  # one DICOM series -> one SEG (checked by _output_plan)
     if args.sr and not as_dicom:
         raise InputError(f"--sr writes a DICOM SR that references the DICOM SEG; it needs -o ending in {DICOM_SUFFIX}")
     if args.sr and image_suffix(args.sr) != DICOM_SUFFIX:
         raise InputError(f"--sr {args.sr}: the report's file name must end in {DICOM_SUFFIX}")
-    batch = len(plan) > 1 or not plan[0][1].name.endswith((".nii", ".nii.gz", ".nrrd", DICOM_SUFFIX)) or Path(args.output).is_dir()
-    for case, out in plan:
-        if out.resolve() == case.resolve():
-            raise OutputError(f"-o {out} is the input itself; choose another output path")
-        _check_output_free(out, args.overwrite)
-        stats_out = _stats_path(args.stats, out, batch)
-        if stats_out is not None:
-            _check_output_free(stats_out, args.overwrite)
     sr_out = Path(args.sr) if args.sr else None
-    if sr_out is not None:
-        if sr_out.resolve() == plan[0][1].resolve():
-            raise OutputError(f"--sr {sr_out} is the SEG output too; choose another path")
-        _check_output_free(sr_out, args.overwrite)
+    batch = not as_dicom and (len(plan) > 1 or not plan[0][1].name.endswith((".nii", ".nii.gz", ".nrrd"))
+                              or Path(args.output).is_dir())
+    cases = [(case, out, _stats_path(args.stats, out, batch)) for case, out in plan]
+    outputs = ([(out, "SEG output" if as_dicom else "output") for _, out, _ in cases]
+               + ([(sr_out, "--sr report")] if sr_out is not None else [])
+               + [(st, "--stats output") for _, _, st in cases if st is not None])
+    _check_paths_distinct([case for case, _, _ in cases], outputs)
+    # Before any work: every output must be writable; in batch mode a case whose output is
+    # refused (e.g. exists without --overwrite) fails alone and the others run.
+    refused = {}
+    for case, out, stats_out in cases:
+        try:
+            for path in (out, sr_out, stats_out):
+                if path is not None:
+                    check_output_writable(path, args.overwrite)
+                    remove_stale_temp_files(path)
+        except KidneyTumorSegError as exc:
+            if not batch:
+                raise
+            refused[case] = exc
     series_uid, datasets = args.series, None
     if as_dicom:  # refuse a series a SEG cannot reference before spending time on it
         series, datasets = _dicom_source(plan[0][0], args.series)
@@ -178,12 +239,16 @@ def cmd_segment(args) -> int:
     segmenter = Segmenter(package, device=args.device, tta=args.tta)
     logger.info("model %s %s on %s (%s)", package.manifest.name, package.manifest.version, segmenter.device, segmenter.device_reason)
     failures = []
-    for i, (case, out) in enumerate(plan):
-        prefix = f"[{i + 1}/{len(plan)}] " if len(plan) > 1 else ""
+    for i, (case, out, stats_out) in enumerate(cases):
+        prefix = f"[{i + 1}/{len(cases)}] " if len(cases) > 1 else ""
         start = time.perf_counter()
         try:
+            if case in refused:
+                raise refused[case]
+            _check_header(case, series_uid, package.manifest)  # size, spacing, memory: before reading
             image = read_image(case, series_uid=series_uid)
             result = _segment_image(segmenter, image, args, prefix)
+            del image
             if as_dicom:
                 from .dicom import write_dataset_atomic
 
@@ -193,24 +258,31 @@ def cmd_segment(args) -> int:
                     write_dataset_atomic(report, sr_out, overwrite=args.overwrite)
             else:
                 write_image_atomic(result.labels, out, overwrite=args.overwrite)
-            stats_out = _stats_path(args.stats, out, batch)
             if stats_out is not None:
-                _write_json_atomic({"input": str(case), "output": str(out), "model": result.model_name,
-                                    "device": result.device, "timings_s": result.timings, "notes": list(result.notes),
-                                    **result.stats},
-                                   stats_out, args.overwrite)
+                write_json_atomic({"input": str(case), "output": str(out), "model": result.model_name,
+                                   "device": result.device, "timings_s": result.timings, "notes": list(result.notes),
+                                   **result.stats},
+                                  stats_out, args.overwrite)
         except KidneyTumorSegError as exc:
-            if len(plan) == 1:
+            if not batch:
                 raise
+            _error_json_line(args, exc, case)
             print(f"error: {case}: {exc}", file=sys.stderr)
+            failures.append(case)
+            continue
+        except Exception:  # a bug: its traceback, and the other cases still run
+            if not batch:
+                raise
+            print(f"error: {case}: internal error (a bug; please report it with this traceback):", file=sys.stderr)
+            traceback.print_exc()
             failures.append(case)
             continue
         if not args.quiet:
             notes = f" ({'; '.join(result.notes)})" if result.notes else ""
             also = f" + {sr_out}" if sr_out is not None else ""
             print(f"{prefix}{case} -> {out}{also} in {time.perf_counter() - start:.1f} s: {_summarize(result.stats)}{notes}")
-    if len(plan) > 1:
-        print(f"{len(plan) - len(failures)} of {len(plan)} cases segmented" + (f"; failed: {', '.join(map(str, failures))}" if failures else ""))
+    if batch:
+        print(f"{len(cases) - len(failures)} of {len(cases)} cases segmented" + (f"; failed: {', '.join(map(str, failures))}" if failures else ""))
     return EXIT_FAILED if failures else EXIT_OK
 
 
@@ -235,8 +307,10 @@ def cmd_pacs(args) -> int:
         series, datasets = _dicom_source(tmp, series_uid)
         if str(datasets[0].StudyInstanceUID) != args.study:
             raise InputError(f"The server returned series {series_uid} of study {datasets[0].StudyInstanceUID}, not {args.study}")
+        _check_header(tmp, series.uid, package.manifest)  # size, spacing, memory: before reading
         image = read_image(tmp, series_uid=series.uid)
         result = _segment_image(segmenter, image, args)
+        del image
     seg, report = _dicom_results(result, datasets, package.manifest, not args.no_sr)
     pacs.store([seg] + ([report] if report is not None else []), args.study)
     if not args.quiet:
@@ -360,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit code (0 ok, 1 failed, 130 interrupted)."""
+    """Entry point; returns the exit code (0 ok, 1 failed, 130 interrupted, 143 terminated)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet = getattr(args, "quiet", False)
@@ -371,25 +445,54 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
     from .errors import KidneyTumorSegError
 
+    with _sigterm_as_interrupt(), _python_warnings_to_debug_log():
+        try:
+            return args.func(args)
+        except KidneyTumorSegError as exc:
+            if args.debug:
+                raise
+            _error_json_line(args, exc)
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        except Terminated:
+            print("error: terminated (SIGTERM); no output was written or replaced", file=sys.stderr)
+            return EXIT_TERMINATED
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except MemoryError:
+            print("error: out of memory; try a smaller volume or a machine with more memory", file=sys.stderr)
+            return EXIT_FAILED
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) in the main thread while the
+    command runs, so it is cleaned up like Ctrl-C; the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        return args.func(args)
-    except KidneyTumorSegError as exc:
-        if args.debug:
-            raise
-        if getattr(args, "progress", None) == "json":
-            # Machine-readable for front ends (the Slicer module): the error's kind, e.g.
-            # NotCTLikeError, which a user may overrule with --force.
-            print(json.dumps({"error": {"kind": type(exc).__name__, "message": str(exc)}}), file=sys.stderr, flush=True)
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except ValueError as exc:  # e.g. an unavailable --device
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except MemoryError:
-        print("error: out of memory; try a smaller volume or a machine with more memory", file=sys.stderr)
-        return EXIT_FAILED
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _python_warnings_to_debug_log():
+    """Python warnings (torch's, numpy's) go to the debug log, not before an ``error:`` line."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        logger.debug("%s: %s (%s:%s)", category.__name__, message, filename, lineno)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous

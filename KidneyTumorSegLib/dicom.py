@@ -273,13 +273,43 @@ def build_report(seg, stats: dict, model_name: str, model_version: str):
 # --------------------------------------------------------------------------- writing
 
 
+def _verify_dataset_file(tmp: Path, dataset, final: Path) -> None:
+    """Read the written Part 10 file back with pydicom: it must parse completely and be the
+    same instance (SOP Class/Instance UID), with all of its Pixel Data when it has any."""
+    import pydicom
+
+    problem = None
+    try:
+        if tmp.stat().st_size == 0:
+            problem = "the file is empty"
+        else:
+            back = pydicom.dcmread(str(tmp))
+            for keyword in ("SOPClassUID", "SOPInstanceUID"):
+                if str(getattr(back, keyword, "")) != str(getattr(dataset, keyword, "")):
+                    problem = f"its {keyword} reads back differently"
+                    break
+            if problem is None and "PixelData" in dataset:
+                wanted = dataset.PixelData
+                got = back.get("PixelData")
+                if got is None or len(got) != len(wanted) or got != wanted:
+                    problem = "its Pixel Data reads back differently"
+    except Exception as exc:  # pydicom raises many types for a truncated file
+        problem = f"it cannot be read back ({type(exc).__name__}: {str(exc)[:200]})"
+    if problem is not None:
+        raise OutputError(f"Cannot write {final}: what was written is incomplete or wrong ({problem}); "
+                          "is the disk full? Any existing file is unchanged")
+
+
 def write_dataset_atomic(dataset, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write a DICOM dataset as a Part 10 file, atomically (see :func:`imageio.atomic_output`)."""
-    from .imageio import atomic_output
+    """Write a DICOM dataset as a Part 10 file atomically (:func:`imageio.atomic_write`, the one
+    home of that rule): the temporary file is read back with pydicom before it replaces ``path``."""
+    from .imageio import atomic_write
 
     p = Path(path)
     if not p.name.lower().endswith(DICOM_SUFFIX):
         raise OutputError(f"Cannot write {p}: a DICOM output's name ends in {DICOM_SUFFIX}")
-    with atomic_output(p, overwrite=overwrite, suffix=p.name[-len(DICOM_SUFFIX):]) as tmp:
+
+    def write(tmp: Path) -> None:
         dataset.save_as(str(tmp), enforce_file_format=True)
-    return p
+
+    return atomic_write(p, write, lambda tmp: _verify_dataset_file(tmp, dataset, p), overwrite=overwrite)

@@ -34,3 +34,7 @@ class ModelPackageError(KidneyTumorSegError):
 
 class CancelledError(KidneyTumorSegError):
     """The caller asked the run to stop; no partial result is returned."""
+
+
+class DeviceError(KidneyTumorSegError, ValueError):
+    """The requested device (``--device``) does not exist or is not available here."""

@@ -179,7 +179,7 @@ def test_bad_dicom_requests_get_one_clear_line(tmp_path, phantom_series, package
         (("segment", nifti, "-o", tmp_path / "r.dcm"), "writes a DICOM SEG, which needs a DICOM series"),
         (("segment", nifti, "-o", tmp_path / "r.nii.gz", "--sr", tmp_path / "s.dcm"), "--sr writes a DICOM SR"),
         (("segment", folder, "-o", tmp_path / "r.dcm", "--sr", tmp_path / "s.txt"), "must end in .dcm"),
-        (("segment", folder, "-o", tmp_path / "r.dcm", "--sr", tmp_path / "r.dcm"), "is the SEG output too"),
+        (("segment", folder, "-o", tmp_path / "r.dcm", "--sr", tmp_path / "r.dcm"), "is both the SEG output and the --sr report"),
         (("segment", folder, "-o", tmp_path / "r.dcm", "--series", "1.2.3"), "No DICOM series with UID 1.2.3"),
     ]
     for args, message in cases:
