@@ -121,6 +121,20 @@ def test_not_ct_refusal_is_structured_in_the_json_progress_stream(tmp_path, ct_f
     assert not any(line.startswith("{") for line in capsys.readouterr().err.splitlines())  # only with --progress json
 
 
+def test_batch_case_errors_are_structured_in_the_json_progress_stream(tmp_path, ct_file, package_dir, capsys):
+    """In batch mode the refused case gets its structured line (naming the input) and the others still run."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    sitk.WriteImage(sitk.ReadImage(str(ct_file)), str(cases / "good.nii.gz"))
+    sitk.WriteImage(sitk.ReadImage(str(ct_file)) + 1100, str(cases / "shifted.nii.gz"))
+    assert run_cli("segment", cases, "-o", tmp_path / "out", "--model", package_dir, "--progress", "json") == 1
+    captured = capsys.readouterr()
+    errors = [json.loads(line)["error"] for line in captured.err.splitlines() if line.startswith('{"error"')]
+    assert [(e["kind"], e["input"]) for e in errors] == [("NotCTLikeError", str(cases / "shifted.nii.gz"))]
+    assert (tmp_path / "out" / "good.nii.gz").exists() and not (tmp_path / "out" / "shifted.nii.gz").exists()
+    assert "1 of 2 cases segmented" in captured.out
+
+
 def test_unwritable_output_folder(tmp_path, ct_file, package_dir, capsys):
     (tmp_path / "a_file").write_text("x")
     assert run_cli("segment", ct_file, "-o", tmp_path / "a_file" / "seg.nii.gz", "--model", package_dir) == 1

@@ -181,6 +181,9 @@ def test_bad_dicom_requests_get_one_clear_line(tmp_path, phantom_series, package
         (("segment", folder, "-o", tmp_path / "r.dcm", "--sr", tmp_path / "s.txt"), "must end in .dcm"),
         (("segment", folder, "-o", tmp_path / "r.dcm", "--sr", tmp_path / "r.dcm"), "is both the SEG output and the --sr report"),
         (("segment", folder, "-o", tmp_path / "r.dcm", "--series", "1.2.3"), "No DICOM series with UID 1.2.3"),
+        # a SEG or SR path that is one of the series' own files: refused even with --overwrite
+        (("segment", folder, "-o", sorted(folder.iterdir())[0], "--overwrite"), "is the input"),
+        (("segment", folder, "-o", tmp_path / "r.dcm", "--sr", sorted(folder.iterdir())[1], "--overwrite"), "is the input"),
     ]
     for args, message in cases:
         assert run_cli(*args, "--model", package_dir) == 1, args
@@ -231,6 +234,35 @@ def test_an_empty_result_is_an_empty_kidney_segment_and_a_wrong_grid_is_refused(
     image.SetOrigin(ct.GetOrigin()), image.SetSpacing(ct.GetSpacing()), image.SetDirection(ct.GetDirection())
     seg = dicom.build_segmentation(image, gappy, "m", "1")
     assert np.array_equal(dicom.segmentation_labels(seg, [ds.SOPInstanceUID for ds in gappy]), labels)
+
+
+def test_a_dicom_file_is_verified_by_reading_it_back_before_the_rename(tmp_path, phantom_series, monkeypatch):
+    """DICOM SEG/SR go through the one atomic write (imageio.atomic_write) with a pydicom read-back:
+    a writer that silently stops short (a full disk) leaves the old file and no temporary file."""
+    import pydicom
+
+    from KidneyTumorSegLib.imageio import read_image
+
+    folder, _ = phantom_series
+    sources, ct = _sources_in_order(folder), read_image(folder)
+    labels = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
+    labels.CopyInformation(ct)
+    seg = dicom.build_segmentation(labels, sources, "m", "1")
+    out = tmp_path / "seg.dcm"
+    assert dicom.write_dataset_atomic(seg, out) == out
+    assert pydicom.dcmread(out).SOPInstanceUID == seg.SOPInstanceUID
+    good = out.read_bytes()
+    real_save_as = type(seg).save_as
+
+    def truncated_save_as(self, filename, *args, **kwargs):
+        real_save_as(self, filename, *args, **kwargs)
+        with open(filename, "r+b") as fh:
+            fh.truncate(os.path.getsize(filename) // 2)
+
+    monkeypatch.setattr(type(seg), "save_as", truncated_save_as)
+    with pytest.raises(dicom.OutputError, match="incomplete or wrong"):
+        dicom.write_dataset_atomic(seg, out, overwrite=True)
+    assert out.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["seg.dcm"]
 
 
 def test_segment_codes_are_the_slicer_modules(monkeypatch):
