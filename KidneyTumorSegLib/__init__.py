@@ -13,13 +13,14 @@ torch is imported only when a segmentation runs, so importing this package is ch
 
 from __future__ import annotations
 
-from .errors import (CancelledError, InputError, InsufficientMemoryError, KidneyTumorSegError,
-                     ModelPackageError, OutputError)
+from .errors import (CancelledError, DeviceError, InputError, InsufficientMemoryError, KidneyTumorSegError,
+                     ModelPackageError, NotCTLikeError, OutputError)
 
 __version__ = "0.1.0"
 
 __all__ = ["segment", "load_model", "list_models", "__version__", "KidneyTumorSegError", "InputError",
-           "InsufficientMemoryError", "OutputError", "ModelPackageError", "CancelledError"]
+           "InsufficientMemoryError", "NotCTLikeError", "OutputError", "ModelPackageError", "CancelledError",
+           "DeviceError"]
 
 
 def load_model(name_or_path=None, verify: bool = True):
@@ -57,13 +58,16 @@ def segment(image_or_path, model=None, device: str = "auto", tta: bool = False, 
     """
     import SimpleITK as sitk
 
-    from .imageio import read_image
+    from .imageio import read_image, read_image_information
     from .models import ModelPackage, load_package
     from .pipeline import Segmenter
-    from .validation import check_memory, validate_ct_image
+    from .validation import check_memory, validate_ct_header
 
-    image = image_or_path if isinstance(image_or_path, sitk.Image) else read_image(image_or_path, series_uid=series_uid)
-    validate_ct_image(image, force=force)
-    check_memory(image)
     package = model if isinstance(model, ModelPackage) else load_package(model)
-    return Segmenter(package, device=device, tta=tta).segment(image, progress=progress, cancel=cancel)
+    if not isinstance(image_or_path, sitk.Image):
+        info = read_image_information(image_or_path, series_uid=series_uid)  # size, spacing, memory: before reading
+        validate_ct_header(info)
+        check_memory(info, manifest=package.manifest)
+        image_or_path = read_image(image_or_path, series_uid=series_uid)
+    # Segmenter.segment validates the image (the one CT check every entry point passes through)
+    return Segmenter(package, device=device, tta=tta).segment(image_or_path, progress=progress, cancel=cancel, force=force)

@@ -35,9 +35,9 @@ def kits_dice(prediction: np.ndarray, truth: np.ndarray) -> dict:
 
 def run_demo(output: Path, device: str = "auto", overwrite: bool = False) -> int:
     """Segment the bundled sample; returns the exit code."""
-    from .cli import _ProgressPrinter, _check_output_free, _summarize, _write_json_atomic
+    from .cli import _ProgressPrinter, _summarize
     from .errors import InputError
-    from .imageio import read_image, write_image_atomic
+    from .imageio import check_output_writable, read_image, write_image_atomic, write_json_atomic
     from .models import load_package
     from .overview import write_overview_png
     from .pipeline import Segmenter
@@ -47,7 +47,7 @@ def run_demo(output: Path, device: str = "auto", overwrite: bool = False) -> int
     output = Path(output)
     seg_path, stats_path, png_path = output / "sample_seg.nii.gz", output / "sample_stats.json", output / "sample_overview.png"
     for path in (seg_path, stats_path, png_path):
-        _check_output_free(path, overwrite)
+        check_output_writable(path, overwrite)
     ct = read_image(SAMPLE_CT)
     truth = read_image(SAMPLE_TRUTH)
     package = load_package(None)
@@ -55,8 +55,8 @@ def run_demo(output: Path, device: str = "auto", overwrite: bool = False) -> int
     result = Segmenter(package, device=device).segment(ct, progress=_ProgressPrinter("bar"))
     write_image_atomic(result.labels, seg_path, overwrite=overwrite)
     metrics = kits_dice(sitk.GetArrayViewFromImage(result.labels), sitk.GetArrayViewFromImage(truth))
-    _write_json_atomic({"input": str(SAMPLE_CT), "model": result.model_name, "device": result.device,
-                        "timings_s": result.timings, "notes": list(result.notes), "dice_vs_truth": metrics, **result.stats}, stats_path, overwrite)
+    write_json_atomic({"input": str(SAMPLE_CT), "model": result.model_name, "device": result.device,
+                        "timings_s": result.timings, "notes": list(result.notes), "dice_vs_truth": metrics, **result.stats}, stats_path, overwrite=overwrite)
     write_overview_png(ct, result.labels, png_path, truth=truth)
     print(f"segmented {SAMPLE_CT.name} ({'x'.join(map(str, ct.GetSize()))} voxels) on {result.device} "
           f"in {result.timings['total']:.1f} s")

@@ -13,14 +13,16 @@ def resolve_device(requested: str = "auto"):
     """Return ``(torch.device, reason)`` for ``requested`` (``auto``, ``cuda``, ``cuda:N``, ``mps`` or ``cpu``).
 
     ``auto`` prefers CUDA, then Apple MPS, then the CPU. Asking for a device that is not
-    available raises ``ValueError`` saying what is available.
+    available raises ``DeviceError`` (a ValueError) saying what is available.
     """
     import torch
+
+    from .errors import DeviceError
 
     req = (requested or "auto").lower()
     base = req.split(":")[0]
     if base not in DEVICE_CHOICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)} (or cuda:N), got {requested!r}")
+        raise DeviceError(f"device must be one of {', '.join(DEVICE_CHOICES)} (or cuda:N), got {requested!r}")
     cuda_ok = torch.cuda.is_available()
     mps_ok = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     if base == "auto":
@@ -31,15 +33,15 @@ def resolve_device(requested: str = "auto"):
         return torch.device("cpu"), "auto: no GPU available"
     if base == "cuda":
         if not cuda_ok:
-            raise ValueError("device 'cuda' requested but torch reports no CUDA device "
+            raise DeviceError("device 'cuda' requested but torch reports no CUDA device "
                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}); use --device cpu")
         dev = torch.device(req)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {req!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise DeviceError(f"device {req!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
         return dev, "requested"
     if base == "mps":
         if not mps_ok:
-            raise ValueError("device 'mps' requested but Apple MPS is not available; use --device cpu")
+            raise DeviceError("device 'mps' requested but Apple MPS is not available; use --device cpu")
         return torch.device("mps"), "requested"
     return torch.device("cpu"), "requested"
 

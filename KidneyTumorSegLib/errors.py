@@ -15,6 +15,11 @@ class InputError(KidneyTumorSegError):
     """The input image or path is unusable (missing, unreadable, not a 3D CT, ...)."""
 
 
+class NotCTLikeError(InputError):
+    """The intensities do not look like a CT in Hounsfield units; ``force`` segments it anyway.
+    (The one error a user may overrule; the CLI's JSON progress stream reports its kind.)"""
+
+
 class InsufficientMemoryError(InputError):
     """The volume needs more memory than is available."""
 
@@ -29,3 +34,7 @@ class ModelPackageError(KidneyTumorSegError):
 
 class CancelledError(KidneyTumorSegError):
     """The caller asked the run to stop; no partial result is returned."""
+
+
+class DeviceError(KidneyTumorSegError, ValueError):
+    """The requested device (``--device``) does not exist or is not available here."""

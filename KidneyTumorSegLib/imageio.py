@@ -7,9 +7,15 @@ origin, direction, all in SimpleITK (x, y, z) order, LPS, mm) exactly as the
 file stores it; DICOM pixel values have the rescale slope/intercept applied,
 so a CT is in Hounsfield units.
 
-Outputs are written atomically: to a temporary file in the destination
-folder, then renamed over the destination, so an interrupted run never leaves
-a half-written file behind.
+Outputs are written atomically (:func:`atomic_write`, the one home of that rule,
+used for label maps, JSON, the overview PNG and DICOM SEG / SR files alike): to a
+temporary file in the destination folder, verified (an image is read back and compared
+voxel for voxel, JSON byte for byte, a DICOM file re-read with pydicom, so a full disk
+that the writer ignored is caught) and fsynced, then renamed over
+the destination; on any failure the temporary file is removed and an existing
+output is left as it was. Temporary files are named ``.NAME.tmp-PID-RANDOM.SUFFIX``;
+one left behind by a killed process is removed the next time that output is
+written (:func:`remove_stale_temp_files`).
 
 Every problem a user can cause raises :class:`~KidneyTumorSegLib.errors.InputError`
 or :class:`~KidneyTumorSegLib.errors.OutputError` with a one-line message.
@@ -19,15 +25,19 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import logging
 import os
 import re
 import struct
+import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, OutputError
@@ -104,6 +114,35 @@ def _itk_warnings_off() -> Iterator[None]:
         yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def native_stderr_to_log(what: str) -> Iterator[None]:
+    """Send what C/C++ libraries print on file descriptor 2 meanwhile (MetaIO's
+    "M_ReadElementsData: data not read completely", NIfTI's "NWAD: wrote only ...")
+    to this module's debug log instead of the terminal: the caller turns the
+    failure into one ``error:`` line, and such noise must not precede it."""
+    with _STDERR_LOCK:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):  # no real fd 2 (embedded interpreters)
+            yield
+            return
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                sink.seek(0)
+                text = sink.read().decode("utf-8", "replace").strip()
+                if text:
+                    logger.debug("%s: native libraries said: %s", what, " | ".join(text.splitlines()))
 
 
 _ITK_PREFIX = re.compile(r"^(?:sitk|itk|ITK)(?:::|\s+)ERROR:\s*(?:\w+\s*\(0x[0-9a-fA-F]+\):\s*)?")
@@ -277,7 +316,11 @@ def _holds_dicom_series(folder: Path) -> bool:
     return bool(list_dicom_series(folder))
 
 
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
+def select_dicom_series(folder: str | os.PathLike, series_uid: str | None = None, warn: bool = True) -> DicomSeries:
+    """The series :func:`read_image` reads from ``folder``: ``series_uid``, or the one with most
+    files (a warning names the others unless ``warn`` is False). Raises InputError when there is
+    none or no such UID."""
+    folder = Path(folder)
     series = list_dicom_series(folder)
     if not series:
         n_images = sum(1 for f in folder.iterdir() if f.is_file() and image_suffix(f) in SUPPORTED_IMAGE_SUFFIXES)
@@ -291,20 +334,25 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
         if chosen is None:
             available = "; ".join(_describe(s) for s in series)
             raise InputError(f"No DICOM series with UID {series_uid} in {folder}; available: {available}")
-    else:
-        chosen = series[0]
-        if len(series) > 1:
-            others = "; ".join(_describe(s) for s in series[1:])
-            logger.warning(
-                "%s holds %d DICOM series; reading %s, the one with most slices (others: %s); "
-                "use --series UID to choose another",
-                folder, len(series), _describe(chosen), others,
-            )
+        return chosen
+    chosen = series[0]
+    if len(series) > 1 and warn:
+        others = "; ".join(_describe(s) for s in series[1:])
+        logger.warning(
+            "%s holds %d DICOM series; reading %s, the one with most slices (others: %s); "
+            "use --series UID to choose another",
+            folder, len(series), _describe(chosen), others,
+        )
+    return chosen
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
+    chosen = select_dicom_series(folder, series_uid)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(chosen.files))
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        with _itk_warnings_off():
+        with _itk_warnings_off(), native_stderr_to_log(str(folder)):
             image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"Cannot read the DICOM series {_describe(chosen)} in {folder}: {_condense_itk_error(exc)}") from exc
@@ -343,6 +391,110 @@ def _warn_irregular_slices(reader: sitk.ImageSeriesReader, series: DicomSeries, 
 # --------------------------------------------------------------------------- reading
 
 
+def _checked_input_path(path: str | os.PathLike, series_uid: str | None) -> Path:
+    """``path`` as a Path once it is known to be a DICOM folder or a file with a readable suffix."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"Input not found: {p}")
+    if p.is_dir():
+        return p
+    if series_uid is not None:
+        raise InputError(f"A DICOM series UID ({series_uid}) was given but the input {p} is a file, not a DICOM folder")
+    if not p.is_file():
+        raise InputError(f"Expected an image file or a DICOM folder, got {p} (neither a regular file nor a folder)")
+    suffix = image_suffix(p)
+    if suffix not in SUPPORTED_IMAGE_SUFFIXES:
+        dicom_hint = " (for DICOM give the folder holding the series)" if suffix in ("", ".dcm", ".ima") else ""
+        raise InputError(
+            f"Unsupported input {p.name!r}: expected a file ending in {', '.join(SUPPORTED_IMAGE_SUFFIXES)} "
+            f"or a DICOM series folder{dicom_hint}"
+        )
+    return p
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image's header says, before (or without) reading its voxels: dimension,
+    size and spacing ((x, y, z) order), row-major direction, pixel type, components per
+    voxel and bytes per component. ``ImageInfo.of(image)`` describes a loaded image."""
+
+    dimension: int
+    size: tuple
+    spacing: tuple
+    direction: tuple
+    pixel_id: int
+    pixel_type: str
+    components: int
+    component_bytes: int
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "ImageInfo":
+        return cls(image.GetDimension(), tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetDirection()),
+                   image.GetPixelID(), image.GetPixelIDTypeAsString(), image.GetNumberOfComponentsPerPixel(),
+                   image.GetSizeOfPixelComponent())
+
+    @property
+    def voxels(self) -> int:
+        n = 1
+        for s in self.size:
+            n *= int(s)
+        return n
+
+
+def _reader_info(reader: sitk.ImageFileReader, size=None, spacing=None) -> ImageInfo:
+    try:
+        probe = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
+    except (RuntimeError, TypeError, ValueError):
+        probe = None
+    pixel_type = probe.GetPixelIDTypeAsString() if probe is not None else str(reader.GetPixelID())
+    component_bytes = probe.GetSizeOfPixelComponent() if probe is not None else 8
+    return ImageInfo(reader.GetDimension(), tuple(size or reader.GetSize()), tuple(spacing or reader.GetSpacing()),
+                     tuple(reader.GetDirection()), reader.GetPixelID(), pixel_type, reader.GetNumberOfComponents(),
+                     component_bytes)
+
+
+def read_image_information(path: str | os.PathLike, series_uid: str | None = None) -> ImageInfo:
+    """The header of what :func:`read_image` would read, without reading the voxels (cheap
+    even for a 5000^3 header), so that size, spacing and memory can be checked first.
+    For a DICOM folder: the chosen series' first file, with the number of files as the
+    third size and the distance between the first two slice positions as its spacing.
+    Raises InputError like :func:`read_image` for anything it cannot read."""
+    p = _checked_input_path(path, series_uid)
+    reader = sitk.ImageFileReader()
+    if p.is_dir():
+        chosen = select_dicom_series(p, series_uid, warn=False)
+        reader.SetFileName(chosen.files[0])
+        what = f"the DICOM series {_describe(chosen)} in {p}"
+    else:
+        reader.SetFileName(str(p))
+        what = str(p)
+    try:
+        with _itk_warnings_off(), native_stderr_to_log(what):
+            reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"Cannot read {what}: {_condense_itk_error(exc)}") from exc
+    if not p.is_dir():
+        return _reader_info(reader)
+    size = list(reader.GetSize())[:2] + [len(chosen.files)]
+    spacing = list(reader.GetSpacing())[:2] + [reader.GetSpacing()[2] if reader.GetDimension() > 2 else 1.0]
+    if len(chosen.files) > 1:
+        second = sitk.ImageFileReader()
+        second.SetFileName(chosen.files[1])
+        with contextlib.suppress(RuntimeError, ValueError), _itk_warnings_off(), native_stderr_to_log(what):
+            second.ReadImageInformation()
+            a = [float(v) for v in reader.GetMetaData(_DICOM_TAG_POSITION).split("\\")]
+            b = [float(v) for v in second.GetMetaData(_DICOM_TAG_POSITION).split("\\")]
+            gap = sum((x - y) ** 2 for x, y in zip(a, b)) ** 0.5
+            if gap > 0:
+                spacing[2] = gap
+    info = _reader_info(reader, size=size[:3], spacing=spacing[:3])
+    if reader.GetDimension() == 2:  # a slice read as 2D: the series is a 3D volume all the same
+        d = reader.GetDirection()
+        info = ImageInfo(3, info.size, info.spacing, (d[0], d[1], 0.0, d[2], d[3], 0.0, 0.0, 0.0, 1.0), info.pixel_id,
+                         info.pixel_type, info.components, info.component_bytes)
+    return info
+
+
 def read_image(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
     """Read a volume from an image file or a DICOM series folder.
 
@@ -355,28 +507,17 @@ def read_image(path: str | os.PathLike, series_uid: str | None = None) -> sitk.I
     missing path, an unsupported suffix, an unreadable/corrupt/truncated file
     or an unknown ``series_uid``. The input is never modified.
     """
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"Input not found: {p}")
+    p = _checked_input_path(path, series_uid)
     if p.is_dir():
         return _read_dicom_folder(p, series_uid)
-    if series_uid is not None:
-        raise InputError(f"A DICOM series UID ({series_uid}) was given but the input {p} is a file, not a DICOM folder")
-    if not p.is_file():
-        raise InputError(f"Expected an image file or a DICOM folder, got {p} (neither a regular file nor a folder)")
     suffix = image_suffix(p)
-    if suffix not in SUPPORTED_IMAGE_SUFFIXES:
-        dicom_hint = " (for DICOM give the folder holding the series)" if suffix in ("", ".dcm", ".ima") else ""
-        raise InputError(
-            f"Unsupported input {p.name!r}: expected a file ending in {', '.join(SUPPORTED_IMAGE_SUFFIXES)} "
-            f"or a DICOM series folder{dicom_hint}"
-        )
     if suffix in (".nii", ".nii.gz"):
         _check_nifti_complete(p, suffix)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
-        return reader.Execute()
+        with native_stderr_to_log(str(p)):
+            return reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"Cannot read {p}: {_condense_itk_error(exc)}") from exc
 
@@ -449,24 +590,100 @@ def _umask() -> int:
     return mask
 
 
-def write_image_atomic(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``image`` to ``path`` atomically and return the path.
+_TEMP_MARK = ".tmp-"
 
-    The suffix must be one of :data:`WRITABLE_SUFFIXES` (``.nii``,
-    ``.nii.gz``, ``.nrrd``, ``.mha``); ``.nii.gz``, ``.nrrd`` and ``.mha`` are
-    compressed. The parent folder is created if missing. The image is written
-    to a hidden temporary file with the same suffix in the same folder,
-    flushed to disk, then renamed over ``path``; on any failure (including
-    an interrupt) the temporary file is removed and an existing ``path`` is
-    left untouched. Raises OutputError if the suffix is not writable, ``path``
-    exists and ``overwrite`` is False, or the folder cannot be written.
+
+def _output_suffix(path: Path) -> str:
+    return image_suffix(path) or ""
+
+
+def _temp_prefix(path: Path) -> str:
+    suffix = _output_suffix(path)
+    stem = path.name[: -len(suffix)] if suffix else path.name
+    return f".{stem}{_TEMP_MARK}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files a killed run left next to output ``path``: names
+    ``.NAME.tmp-PID-...SUFFIX`` whose process is gone (or that carry no PID: older
+    versions' ``.NAME.tmp-XXXX.SUFFIX`` and ``.NAME.SUFFIX.tmp``). A live process's
+    temporary file is kept. Returns what was removed; never raises."""
+    p = Path(path)
+    suffix = _output_suffix(p)
+    prefix = _temp_prefix(p)
+    legacy = f".{p.name}.tmp"
+    removed = []
+    try:
+        entries = list(p.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if name != legacy and not (name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix)):
+            continue
+        pid_text = name[len(prefix):].split("-", 1)[0]
+        if name != legacy and pid_text.isdigit() and "-" in name[len(prefix):] and _pid_alive(int(pid_text)):
+            continue
+        try:
+            if entry.is_file() and not entry.is_symlink():
+                entry.unlink()
+                removed.append(entry)
+                logger.info("removed %s, a temporary file left by an interrupted run", entry)
+        except OSError:
+            pass
+    return removed
+
+
+def check_output_writable(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse, before any work is done, an output that could not be written: an existing
+    file without ``overwrite``, an existing folder, a parent that is a file, or a folder
+    (the nearest existing one) in which no file can be created (read-only, no permission,
+    full). Creates nothing that stays."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"cannot write {p}: it is an existing folder, expected a file name")
+    if (p.exists() or p.is_symlink()) and not overwrite:
+        raise OutputError(f"{p} already exists; pass --overwrite to replace it")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {p}: {parent} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f"{_temp_prefix(p)}{os.getpid()}-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write {p}: the folder {parent} is not writable ({exc.strerror or exc})") from None
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], verify: Optional[Callable[[Path], None]] = None,
+                 overwrite: bool = False) -> Path:
+    """Write ``path`` atomically: the one home of that rule (label maps, JSON, manifests, the
+    overview PNG, DICOM SEG and SR files).
+
+    ``write(tmp)`` writes a temporary file in the same folder (same suffix, so a writer
+    that picks the format from the name works); ``verify(tmp)`` must raise when what is
+    there is not what was meant (a writer that ignored ENOSPC); the file is then fsynced
+    (a delayed write error surfaces here), given ordinary permissions and renamed over
+    ``path``. On any failure, an interrupt included, the temporary file is removed and an
+    existing ``path`` is left untouched. Raises OutputError (one line) for an existing
+    ``path`` without ``overwrite``, a folder that cannot be created or written, and any
+    write, verify or fsync failure.
     """
     p = Path(path)
-    suffix = image_suffix(p)
-    if suffix not in WRITABLE_SUFFIXES:
-        raise OutputError(
-            f"Cannot write {p}: expected a file name ending in {', '.join(WRITABLE_SUFFIXES)}, got {suffix or 'no suffix'!r}"
-        )
     if p.is_dir():
         raise OutputError(f"Cannot write {p}: it is an existing folder, expected a file name")
     if p.exists() and not overwrite:
@@ -476,28 +693,112 @@ def write_image_atomic(image: sitk.Image, path: str | os.PathLike, overwrite: bo
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"Cannot create the output folder {parent}: {exc.strerror or exc}") from exc
+    remove_stale_temp_files(p)
+    tmp = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name[: -len(suffix)]}.tmp-", suffix=suffix, dir=parent)
-    except OSError as exc:
-        raise OutputError(f"Cannot write in the output folder {parent}: {exc.strerror or exc}") from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        writer = sitk.ImageFileWriter()
-        writer.SetFileName(str(tmp))
-        writer.SetUseCompression(suffix in _COMPRESSED_SUFFIXES)
-        writer.Execute(image)
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f"{_temp_prefix(p)}{os.getpid()}-", suffix=_output_suffix(p), dir=parent)
+        except OSError as exc:
+            raise OutputError(f"Cannot write in the output folder {parent}: {exc.strerror or exc}") from exc
+        tmp = Path(tmp_name)
+        os.close(fd)
+        write(tmp)
+        if verify is not None:
+            verify(tmp)
         # mkstemp creates the file 0600; give the output ordinary permissions.
         os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, p)
+        tmp = None
+        with contextlib.suppress(OSError):  # make the rename itself durable (best effort)
+            dir_fd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        if isinstance(exc, OutputError):
+            raise
         if isinstance(exc, RuntimeError):
             raise OutputError(f"Cannot write {p}: {_condense_itk_error(exc)}") from exc
         if isinstance(exc, OSError):
             raise OutputError(f"Cannot write {p}: {exc.strerror or exc}") from exc
         raise
     return p
+
+
+def _verify_image_file(tmp: Path, image: sitk.Image, final: Path) -> None:
+    """Read the written file back and compare it with ``image`` (geometry and every voxel);
+    a NIfTI file must also hold every byte its header promises."""
+    problem = None
+    suffix = image_suffix(tmp)
+    try:
+        if tmp.stat().st_size == 0:
+            problem = "the file is empty"
+        elif suffix in (".nii", ".nii.gz"):
+            _check_nifti_complete(tmp, suffix)
+        if problem is None:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(tmp))
+            with _itk_warnings_off(), native_stderr_to_log(f"verifying {final}"):
+                back = reader.Execute()
+            if back.GetSize() != image.GetSize() or back.GetNumberOfComponentsPerPixel() != image.GetNumberOfComponentsPerPixel():
+                problem = f"it reads back as size {back.GetSize()} instead of {image.GetSize()}"
+            elif not np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)):
+                problem = "its voxels read back differently"
+    except InputError as exc:
+        problem = str(exc).split(": ", 1)[-1]
+    except (RuntimeError, OSError, EOFError) as exc:
+        problem = f"it cannot be read back ({_condense_itk_error(exc)})"
+    if problem is not None:
+        raise OutputError(f"Cannot write {final}: what was written is incomplete or wrong ({problem}); "
+                          "is the disk full? Any existing file is unchanged")
+
+
+def write_image_atomic(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``image`` to ``path`` atomically (:func:`atomic_write`) and return the path.
+
+    The suffix must be one of :data:`WRITABLE_SUFFIXES` (``.nii``,
+    ``.nii.gz``, ``.nrrd``, ``.mha``); ``.nii.gz``, ``.nrrd`` and ``.mha`` are
+    compressed. The parent folder is created if missing. The written file is
+    read back and compared with ``image`` before it replaces ``path``, so a
+    full disk fails with OutputError and an existing ``path`` is left
+    untouched. Raises OutputError if the suffix is not writable, ``path``
+    exists and ``overwrite`` is False, or the folder cannot be written.
+    """
+    p = Path(path)
+    suffix = image_suffix(p)
+    if suffix not in WRITABLE_SUFFIXES:
+        raise OutputError(
+            f"Cannot write {p}: expected a file name ending in {', '.join(WRITABLE_SUFFIXES)}, got {suffix or 'no suffix'!r}"
+        )
+
+    def write(tmp: Path) -> None:
+        writer = sitk.ImageFileWriter()
+        writer.SetFileName(str(tmp))
+        writer.SetUseCompression(suffix in _COMPRESSED_SUFFIXES)
+        with native_stderr_to_log(f"writing {p}"):
+            writer.Execute(image)
+
+    return atomic_write(p, write, lambda tmp: _verify_image_file(tmp, image, p), overwrite=overwrite)
+
+
+def write_json_atomic(data, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``data`` as indented JSON atomically (:func:`atomic_write`), verified by
+    reading the bytes back."""
+    text = (json.dumps(data, indent=2) + "\n").encode("utf-8")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(text)
+
+    def verify(tmp: Path) -> None:
+        if tmp.read_bytes() != text:
+            raise OutputError(f"Cannot write {path}: what was written is incomplete ({tmp.stat().st_size} of "
+                              f"{len(text)} bytes); is the disk full? Any existing file is unchanged")
+
+    return atomic_write(path, write, verify, overwrite=overwrite)

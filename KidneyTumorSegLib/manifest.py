@@ -45,6 +45,7 @@ by ``mask_dilate_mm``); ``slices_as_channels`` = k feeds a 2.5D network k adjace
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -65,6 +66,17 @@ MAX_REGIONS = 2
 #: default ``max_size_mm`` of a components region (x, y, z): the largest KiTS23 kidney component (a horseshoe kidney
 #: 225 mm wide; 185 mm deep, 224 mm long with tumors) plus 20 mm margins fits uncut
 DEFAULT_MAX_REGION_MM = (300.0, 250.0, 300.0)
+#: A package name is also its folder name in the models folder: one path component of
+#: letters, digits, ".", "_" and "-", starting with a letter or digit, at most 100 long.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_package_name(name) -> str:
+    """Return ``name`` when it is a safe package name (:data:`NAME_PATTERN`), else ValueError."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"manifest.name must be 1-100 letters, digits, '.', '_' or '-' starting with a letter or digit "
+                         f"(it names the package's folder), got {name!r}")
+    return name
 
 
 def _check_keys(where: str, d: Mapping, required: set, optional: set) -> None:
@@ -324,6 +336,7 @@ class ModelManifest:
                              + (" (the package is newer: upgrade kidney-tumor-seg)" if isinstance(version, int) and version > SCHEMA_VERSION else ""))
         _check_keys("manifest", d, {"schema_version", "name", "version", "description", "intended_use", "licence", "labels", "stages"},
                     {"postprocessing", "provenance"})
+        check_package_name(d["name"])
         labels = d["labels"]
         if not isinstance(labels, Mapping) or any(LABEL_VALUES.get(k) != v for k, v in labels.items()) or "kidney" not in labels:
             raise ValueError(f"manifest.labels must map label names to their values {LABEL_VALUES} and include kidney, got {labels!r}")
@@ -407,8 +420,7 @@ def read_manifest(path: Path) -> ModelManifest:
 
 
 def write_manifest(manifest: ModelManifest, path: Path) -> None:
-    """Write ``manifest`` as indented JSON (atomically: temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """Write ``manifest`` as indented JSON (atomically and verified: ``imageio.write_json_atomic``)."""
+    from .imageio import write_json_atomic
+
+    write_json_atomic(manifest.to_dict(), Path(path), overwrite=True)

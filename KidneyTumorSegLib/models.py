@@ -19,12 +19,13 @@ import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import ModelPackageError
-from .manifest import MANIFEST_NAME, ModelManifest, StageSpec, read_manifest, write_manifest
+from .errors import ModelPackageError, OutputError
+from .manifest import (MANIFEST_NAME, ModelManifest, StageSpec, check_package_name, read_manifest,
+                       write_manifest)
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +65,23 @@ class ModelInfo:
     has_cyst: bool
     default: bool
     source: str
+    #: the manifest's ``provenance.data`` reduced to its plain values (e.g. ``phantoms``:
+    #: true for a model trained on synthetic phantoms, ``dataset``); {} when it declares none
+    data_provenance: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "version": self.version, "description": self.description,
                 "intended_use": self.intended_use, "path": str(self.path), "labels": dict(self.labels),
-                "has_cyst": self.has_cyst, "default": self.default, "source": self.source}
+                "has_cyst": self.has_cyst, "default": self.default, "source": self.source,
+                "data_provenance": dict(self.data_provenance)}
+
+
+def data_provenance(provenance) -> dict:
+    """The plain (str, number, bool, None) values of a manifest's ``provenance.data``."""
+    data = provenance.get("data") if isinstance(provenance, dict) else None
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if v is None or isinstance(v, (str, int, float, bool))}
 
 
 def _package_dirs() -> list[tuple[Path, str]]:
@@ -89,7 +102,8 @@ def list_models() -> list[ModelInfo]:
             logger.warning("skipping model package %s: %s", path, exc)
             continue
         infos.append(ModelInfo(m.name, m.version, m.description, m.intended_use, path, dict(m.labels), m.has_cyst,
-                               m.name == DEFAULT_MODEL_NAME and source == "bundled", source))
+                               m.name == DEFAULT_MODEL_NAME and source == "bundled", source,
+                               data_provenance(m.provenance)))
     return infos
 
 
@@ -159,10 +173,7 @@ class ModelPackage:
                 raise ModelPackageError(f"{self.root / MANIFEST_NAME}: stage {stage.name!r}: {exc}") from None
             _check_patch_fits(net, stage, self.root / MANIFEST_NAME)
             path = self.weights_path(w.file)
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # torch raises several types for corrupt or unsafe files
-                raise ModelPackageError(f"{path}: cannot load weights safely ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+            state = _load_state_dict(path)
             if not isinstance(state, dict):
                 raise ModelPackageError(f"{path}: expected a state dict, found {type(state).__name__}")
             try:
@@ -175,6 +186,37 @@ class ModelPackage:
                 net.to(device)
             nets.append(net)
         return nets
+
+
+def _load_state_dict(path: Path):
+    """``torch.load(weights_only=True)`` of a weights file, with one line of our own on failure.
+
+    torch's own message for a file that needs unpickling advises ``weights_only=False``,
+    which would execute whatever the file holds: that advice is never passed on. torch's
+    warnings are sent to the debug log (they would print before the ``error:`` line)."""
+    import pickle
+    import re
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise ModelPackageError(f"{path}: cannot load weights safely: the file is not a plain state dict of tensors{what}; "
+                                "loading it would unpickle Python objects, which can run code, and that is never done; "
+                                "re-export the weights as a state dict (torch.save(model.state_dict(), ...))") from None
+    except Exception as exc:  # torch raises several types for corrupt files
+        first = next((ln for ln in str(exc).splitlines() if ln.strip() and "weights_only" not in ln), "")
+        raise ModelPackageError(f"{path}: cannot load weights safely ({type(exc).__name__}{': ' + first if first else ''}; "
+                                "a corrupt or truncated file?)") from None
+    for w in caught:
+        logger.debug("torch, loading %s: %s", path, w.message)
+    return state
 
 
 def _check_patch_fits(net, stage: StageSpec, where: Path) -> None:
@@ -207,45 +249,96 @@ def install_model(source: str, sha256: Optional[str] = None, overwrite: bool = F
     moved (atomically) into :func:`user_models_dir`; an installed package of the same
     name is replaced only with ``overwrite``.
     """
+    if not str(source).strip():
+        raise ModelPackageError("no model package given: expected a folder, a .zip or an http(s) URL")
     dest_root = user_models_dir()
-    dest_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest_root, prefix=".install-") as tmp:
-        tmp = Path(tmp)
-        parsed = urllib.parse.urlparse(source)
-        if parsed.scheme in ("http", "https"):
-            if not sha256:
-                raise ModelPackageError(f"installing from a URL needs the package's sha256 (--sha256); got none for {source}")
-            archive = tmp / "download.zip"
-            _download(source, archive, progress)
-            _check_sha(archive, sha256, source)
-            staged = _extract(archive, tmp / "unpacked")
-        else:
-            path = Path(source).expanduser()
-            if not path.exists():
-                raise ModelPackageError(f"{path}: no such model package folder or zip")
-            if sha256:
-                if not path.is_file():
-                    raise ModelPackageError(f"--sha256 checks an archive file, but {path} is a folder")
-                _check_sha(path, sha256, str(path))
-            if path.is_dir():
-                staged = tmp / "unpacked"
-                shutil.copytree(path, staged)
-            elif zipfile.is_zipfile(path):
-                staged = _extract(path, tmp / "unpacked")
-            else:
-                raise ModelPackageError(f"{path}: expected a model package folder or a .zip of one")
-        manifest = read_manifest(staged / MANIFEST_NAME)
-        ModelPackage(staged, manifest).verify()
-        target = dest_root / manifest.name
-        if target.exists():
-            if not overwrite:
-                raise ModelPackageError(f"a model named {manifest.name!r} is already installed at {target}; pass --overwrite to replace it")
-            old = tmp / "previous"
-            target.rename(old)
-        staged.rename(target)
+    try:
+        dest_root.mkdir(parents=True, exist_ok=True)
+        tmp_root = tempfile.mkdtemp(dir=dest_root, prefix=f".install-{os.getpid()}-")
+    except OSError as exc:
+        raise OutputError(f"cannot write in the models folder {dest_root}: {exc.strerror or exc} "
+                          f"(set {MODELS_DIR_ENV} to a writable folder)") from None
+    _remove_stale_installs(dest_root)
+    try:
+        manifest, target = _install_into(Path(tmp_root), dest_root, source, sha256, overwrite, progress)
+    except OSError as exc:
+        raise OutputError(f"cannot install into the models folder {dest_root}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
     logger.info("installed model %s %s into %s", manifest.name, manifest.version, target)
     return ModelInfo(manifest.name, manifest.version, manifest.description, manifest.intended_use, target,
                      dict(manifest.labels), manifest.has_cyst, False, "installed")
+
+
+def _remove_stale_installs(dest_root: Path) -> None:
+    """Remove ``.install-PID-*`` folders left by a killed install whose process is gone."""
+    for entry in dest_root.glob(".install-*"):
+        pid = entry.name[len(".install-"):].split("-", 1)[0]
+        alive = True
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                alive = False
+            except OSError:
+                pass
+        elif not pid.isdigit():
+            alive = False  # an older version's TemporaryDirectory: no owner to ask
+        if not alive and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _install_into(tmp: Path, dest_root: Path, source: str, sha256, overwrite: bool, progress):
+    """Stage, verify and move a package into ``dest_root``; returns (manifest, target)."""
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme in ("http", "https"):
+        if not sha256:
+            raise ModelPackageError(f"installing from a URL needs the package's sha256 (--sha256); got none for {source}")
+        archive = tmp / "download.zip"
+        _download(source, archive, progress)
+        _check_sha(archive, sha256, source)
+        staged = _extract(archive, tmp / "unpacked")
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise ModelPackageError(f"{path}: no such model package folder or zip")
+        if sha256:
+            if not path.is_file():
+                raise ModelPackageError(f"--sha256 checks an archive file, but {path} is a folder")
+            _check_sha(path, sha256, str(path))
+        if path.is_dir():
+            if not (path / MANIFEST_NAME).is_file():
+                raise ModelPackageError(f"{path} is not a model package: it has no {MANIFEST_NAME}")
+            staged = tmp / "unpacked"
+            shutil.copytree(path, staged)
+        elif zipfile.is_zipfile(path):
+            staged = _extract(path, tmp / "unpacked")
+        else:
+            raise ModelPackageError(f"{path}: expected a model package folder or a .zip of one")
+    # The name comes from the package: it is validated (one safe path component) by
+    # read_manifest before anything outside the staging folder is touched.
+    manifest = read_manifest(staged / MANIFEST_NAME)
+    ModelPackage(staged, manifest).verify()
+    target = _target_inside(dest_root, manifest.name)
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise ModelPackageError(f"a model named {manifest.name!r} is already installed at {target}; pass --overwrite to replace it")
+        target.rename(tmp / "previous")
+    staged.rename(target)
+    return manifest, target
+
+
+def _target_inside(dest_root: Path, name: str) -> Path:
+    """``dest_root / name``, proven to be a direct child of the models folder."""
+    try:
+        check_package_name(name)
+    except ValueError as exc:
+        raise ModelPackageError(str(exc)) from None
+    root = dest_root.resolve()
+    target = root / name
+    if target.parent != root:
+        raise ModelPackageError(f"model name {name!r} would install outside the models folder {root}")
+    return target
 
 
 def _check_sha(path: Path, expected: str, what: str) -> None:
@@ -258,9 +351,10 @@ def _extract(archive: Path, dest: Path) -> Path:
     """Unpack a zip safely (no paths outside ``dest``); returns the folder holding manifest.json."""
     try:
         with zipfile.ZipFile(archive) as z:
+            root = dest.resolve()
             for member in z.namelist():
                 target = (dest / member).resolve()
-                if not str(target).startswith(str(dest.resolve())):
+                if target != root and root not in target.parents:
                     raise ModelPackageError(f"{archive}: unsafe path {member!r} in the archive")
             z.extractall(dest)
     except zipfile.BadZipFile as exc:

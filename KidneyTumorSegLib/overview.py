@@ -89,9 +89,22 @@ def write_overview_png(ct: sitk.Image, labels: sitk.Image, path: Path, truth: Op
     width = max(r.shape[1] for r in rows)
     picture = np.concatenate([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows], axis=0)
     picture = picture.repeat(2, axis=0).repeat(2, axis=1)  # 0.5 mm display pixels: outlines readable
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    sitk.WriteImage(sitk.GetImageFromArray(picture, isVector=True), str(tmp))
-    tmp.replace(path)
-    return path
+    from .imageio import atomic_write, native_stderr_to_log
+
+    image = sitk.GetImageFromArray(picture, isVector=True)
+
+    def write(tmp: Path) -> None:
+        with native_stderr_to_log(f"writing {path}"):
+            sitk.WriteImage(image, str(tmp))
+
+    def verify(tmp: Path) -> None:
+        from .errors import OutputError
+
+        try:
+            back = sitk.ReadImage(str(tmp))
+        except RuntimeError:
+            back = None
+        if back is None or back.GetSize() != image.GetSize():
+            raise OutputError(f"Cannot write {path}: what was written is incomplete; is the disk full?")
+
+    return atomic_write(Path(path), write, verify, overwrite=True)

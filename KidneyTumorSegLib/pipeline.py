@@ -96,8 +96,31 @@ class Segmenter:
             self._predictors[stage.name] = StagePredictor(nets, dims, self.device)
         return self._predictors[stage.name]
 
-    def segment(self, image: sitk.Image, progress: Optional[ProgressCallback] = None, cancel=None) -> SegmentationResult:
-        """Segment a CT (``sitk.Image`` in HU, any pixel type) into a label map on its grid."""
+    def segment(self, image: sitk.Image, progress: Optional[ProgressCallback] = None, cancel=None,
+                force: bool = False) -> SegmentationResult:
+        """Segment a CT (``sitk.Image`` in HU, any pixel type) into a label map on its grid.
+
+        Every entry point passes through here, so this is where the input is checked
+        (``validation.validate_ct_image``; ``force`` accepts non-CT-like intensities) and
+        memory is checked against this model's stage grids; an allocation failure on the
+        way is an InsufficientMemoryError. ``cancel`` is checked between every step
+        (stages, regions, windows, post-processing, measurements, notes): once it is
+        set, CancelledError and no result.
+        """
+        from .validation import allocation_failures_as_errors, check_memory, validate_ct_image
+
+        if not isinstance(image, sitk.Image):
+            from .errors import InputError
+
+            raise InputError(f"Expected a SimpleITK.Image (a CT in HU), got {type(image).__name__}")
+        validate_ct_image(image, force=force)
+        check_memory(image, manifest=self.manifest)
+        check_cancel(cancel)
+        size = "x".join(map(str, image.GetSize()))
+        with allocation_failures_as_errors(f"segmenting the {size} volume with model {self.manifest.name!r}"):
+            return self._segment(image, progress, cancel)
+
+    def _segment(self, image: sitk.Image, progress, cancel) -> SegmentationResult:
         from .measurements import measure
         from .postprocessing import postprocess
 
@@ -123,21 +146,28 @@ class Segmenter:
             timings[stage.name] = time.perf_counter() - t0
             position += share
         check_cancel(cancel)
+        if progress is not None:
+            progress(position, "post-processing")
         t0 = time.perf_counter()
         labels = sitk.GetImageFromArray(out)
         labels.CopyInformation(image)
+        del out
+        check_cancel(cancel)
         labels = postprocess(labels, image, self.manifest.postprocessing, notes=notes, landmarks=landmarks)
         timings["postprocessing"] = time.perf_counter() - t0
+        check_cancel(cancel)
         t0 = time.perf_counter()
         stats = measure(labels)
         timings["measurements"] = time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - start_all
+        check_cancel(cancel)
         if not stats.get("kidneys"):
             notes.append("no kidney found in this volume")
         else:
             phase_note = enhancement_note(image, labels)
             if phase_note:
                 notes.append(phase_note)
+        timings["total"] = time.perf_counter() - start_all
+        check_cancel(cancel)
         if progress is not None:
             progress(1.0, "done")
         return SegmentationResult(labels, stats, timings, self.manifest.name, str(self.device), list(notes))

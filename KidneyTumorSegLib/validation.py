@@ -1,5 +1,12 @@
 """Checks that an input volume is a CT the library can segment, and that it
-fits in memory.
+fits in memory: the one home of the CT check (every entry point, the command line,
+``KidneyTumorSegLib.segment`` and ``Segmenter.segment``, passes through it).
+
+Two levels: :func:`validate_ct_header` needs only the header (dimension, components,
+pixel type, size, spacing: what ``imageio.read_image_information`` returns before
+any voxel is read) and :func:`validate_ct_image` adds the intensity checks of a
+loaded image. :func:`check_memory` works on either, from the header and the model's
+stage grids, so a volume too large is refused before it is read.
 
 The checks never copy the whole volume: they read it through
 ``sitk.GetArrayViewFromImage`` in slabs of at most :data:`CHUNK_VOXELS`
@@ -9,14 +16,17 @@ voxels, and compute percentiles on a strided subsample of about
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, InsufficientMemoryError
+from .errors import InputError, InsufficientMemoryError, NotCTLikeError
+from .imageio import ImageInfo
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +50,25 @@ CT_VALUE_RANGE = (-4000.0, 40000.0)
 # -2000, -3024, -32768) and its voxels are left out of the rule above.
 _PADDING_BELOW = -1024.0
 
-#: Fixed memory cost of a run (torch runtime, model weights, crops, network activations).
+# Geometry a CT can have. The finest clinical CT voxel is about 0.2 mm (photon-counting,
+# ultra-high-resolution scanners) and the thickest reconstructed slice 10 mm; a spacing
+# outside [0.1, 15] mm is a wrong header (e.g. spacing in cm, or in um), and since every
+# stage works on a grid of the volume's *physical* extent, trusting it would cost memory
+# and time out of all proportion to the file (128x128x36 voxels at 60 mm span 7.7 m).
+# No scanner field of view or scan length exceeds 2 m along an axis (whole-body CT).
+MIN_SPACING_MM = 0.1
+MAX_SPACING_MM = 15.0
+MAX_EXTENT_MM = 2000.0
+
+#: Fixed memory cost of a run (torch runtime, model weights, network activations of a window).
 FIXED_MEMORY_BYTES = 600 * 10**6
-#: Bytes per input voxel besides the input itself: uint8 label map (1) + working masks/buffers (2).
-EXTRA_BYTES_PER_VOXEL = 1 + 2
+#: Bytes per input-grid voxel besides the input itself, in the worst case of kidney
+#: everywhere (a localize stage firing on noise): the uint8 output array and label image
+#: (2), post-processing's connected components (uint32, 4) and masks (2), and the
+#: measurements' per-kidney-voxel indices, coordinates and component ids (int64/float64:
+#: 3 x 8 + 3 x 8 + 8). Measured: 131 B per voxel beyond the input for a 160x160x80 volume
+#: segmented as kidney everywhere; this model says 66 + the stage grids' share.
+EXTRA_BYTES_PER_VOXEL = 2 + 4 + 2 + 24 + 24 + 8
 
 _SCALAR_TYPES = {
     sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32, sitk.sitkInt32,
@@ -51,8 +76,15 @@ _SCALAR_TYPES = {
 }
 
 
-def _size_text(image: sitk.Image) -> str:
-    return "x".join(str(s) for s in image.GetSize())
+ImageOrInfo = Union[sitk.Image, ImageInfo]
+
+
+def _info(image: ImageOrInfo) -> ImageInfo:
+    return image if isinstance(image, ImageInfo) else ImageInfo.of(image)
+
+
+def _size_text(image: ImageOrInfo) -> str:
+    return "x".join(str(s) for s in _info(image).size)
 
 
 def _slabs(array: np.ndarray):
@@ -70,34 +102,56 @@ def _strided_sample(array: np.ndarray) -> np.ndarray:
     return array[::stride, ::stride, ::stride]
 
 
+def validate_ct_header(image: ImageOrInfo) -> None:
+    """Check what the header of a CT must say: 3D, at least 2 voxels along each axis,
+    one scalar (integer or float) component per voxel, a spacing within
+    [:data:`MIN_SPACING_MM`, :data:`MAX_SPACING_MM`] mm and a physical extent of at most
+    :data:`MAX_EXTENT_MM` mm along each axis. ``image``: a ``sitk.Image`` or the
+    ``ImageInfo`` of a header not yet read. Raises InputError (one line)."""
+    info = _info(image)
+    if info.dimension != 3:
+        raise InputError(f"Expected a 3D CT volume, got a {info.dimension}D image of size {_size_text(info)}")
+    if info.components > 1:
+        raise InputError(
+            f"Expected one intensity per voxel (a CT), got {info.components} components per voxel "
+            f"({info.pixel_type}; a vector, RGB or multi-channel image)"
+        )
+    if info.pixel_id not in _SCALAR_TYPES:
+        raise InputError(f"Expected a scalar integer or float CT image, got pixel type {info.pixel_type}")
+    if min(info.size) < 2:
+        raise InputError(
+            f"Expected a 3D CT volume with at least 2 voxels along each axis, got size {_size_text(info)} "
+            "(a single 2D slice)"
+        )
+    spacing = tuple(float(v) for v in info.spacing)
+    spacing_text = " x ".join(f"{v:g}" for v in spacing)
+    if not all(math.isfinite(v) and MIN_SPACING_MM <= v <= MAX_SPACING_MM for v in spacing):
+        raise InputError(
+            f"Implausible voxel spacing {spacing_text} mm for a CT (expected {MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm "
+            "per axis); the header's spacing is wrong (in cm or um?): fix it before segmenting"
+        )
+    direction = np.asarray(info.direction, dtype=float).reshape(3, 3)
+    if not np.all(np.isfinite(direction)) or not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise InputError(f"Expected an orthonormal direction matrix in the header, got {tuple(info.direction)}")
+    extent = [n * v for n, v in zip(info.size, spacing)]
+    if max(extent) > MAX_EXTENT_MM:
+        raise InputError(
+            f"Implausible CT extent {' x '.join(f'{e:.0f}' for e in extent)} mm ({_size_text(info)} voxels of "
+            f"{spacing_text} mm; no CT spans more than {MAX_EXTENT_MM:g} mm along an axis); check the header's spacing"
+        )
+
+
 def validate_ct_image(image: sitk.Image, force: bool = False) -> None:
     """Check that ``image`` is a 3D single-channel CT volume in HU.
 
-    Raises InputError (one-line message) for: an image that is not 3D, a
-    single-slice 3D image (any axis of size < 2), more than one component per
-    voxel or a non-scalar pixel type, NaN or infinite voxels, a constant
+    Raises InputError (one-line message) for: everything :func:`validate_ct_header`
+    refuses (not 3D, a single slice, several components or a non-scalar pixel type,
+    an implausible spacing or extent), NaN or infinite voxels, a constant
     image, and intensities that are not CT-like (see the ``CT_*`` rule
     constants). With ``force=True`` the CT-likeness failure is logged as a
     warning instead; the other checks still raise. Returns None.
     """
-    dim = image.GetDimension()
-    size = image.GetSize()
-    if dim != 3:
-        raise InputError(f"Expected a 3D CT volume, got a {dim}D image of size {_size_text(image)}")
-    n_comp = image.GetNumberOfComponentsPerPixel()
-    if n_comp > 1:
-        raise InputError(
-            f"Expected one intensity per voxel (a CT), got {n_comp} components per voxel "
-            f"({image.GetPixelIDTypeAsString()}; a vector, RGB or multi-channel image)"
-        )
-    if image.GetPixelID() not in _SCALAR_TYPES:
-        raise InputError(f"Expected a scalar integer or float CT image, got pixel type {image.GetPixelIDTypeAsString()}")
-    if min(size) < 2:
-        raise InputError(
-            f"Expected a 3D CT volume with at least 2 voxels along each axis, got size {_size_text(image)} "
-            "(a single 2D slice)"
-        )
-
+    validate_ct_header(image)
     array = sitk.GetArrayViewFromImage(image)
     is_float = np.issubdtype(array.dtype, np.floating)
     n_nan = n_inf = 0
@@ -127,7 +181,7 @@ def validate_ct_image(image: sitk.Image, force: bool = False) -> None:
     if force:
         logger.warning("Input is not CT-like: %s; segmenting anyway because force was given", problem)
         return
-    raise InputError(f"Input is not CT-like: {problem}; pass --force to segment it anyway")
+    raise NotCTLikeError(f"Input is not CT-like: {problem}; pass --force to segment it anyway")
 
 
 def _ct_likeness_problem(array: np.ndarray, vmin: float, vmax: float) -> str | None:
@@ -163,19 +217,60 @@ def _ct_likeness_problem(array: np.ndarray, vmin: float, vmax: float) -> str | N
     )
 
 
-def estimate_memory_bytes(image: sitk.Image) -> int:
-    """Peak memory (bytes) a segmentation of ``image`` needs, input included.
+def _stage_voxels(stage, info: ImageInfo) -> tuple[int, int]:
+    """(voxels of the stage's working grid in the worst case, voxels of one window batch).
 
-    Model: ``voxels * (input bytes per voxel + 1 + 2) + 600 MB`` -- the input
-    itself, the uint8 label map on the input grid, 2 bytes/voxel of working
-    masks and buffers on the input grid, and a fixed cost for the torch
-    runtime, the model and the (small, resampled) stage crops.
-    """
+    The worst case is the stage's whole region at its spacing: the whole volume for
+    ``whole`` and ``components`` regions (a localize stage that finds kidney everywhere
+    makes the component boxes cover the volume), ``size_mm`` for ``fixed_box``; never less
+    than one patch along an axis (the sliding window pads to it)."""
+    from . import geometry as geo
+
+    direction = np.asarray(info.direction, dtype=float).reshape(3, 3)
+    _, perm, _ = geo.canonical_axes(direction.ravel())
+    native = [float(info.spacing[perm[k]]) for k in range(3)]
+    extent = [info.size[perm[k]] * native[k] for k in range(3)]
     voxels = 1
-    for s in image.GetSize():
-        voxels *= s
-    input_bytes = image.GetSizeOfPixelComponent() * image.GetNumberOfComponentsPerPixel()
-    return voxels * (input_bytes + EXTRA_BYTES_PER_VOXEL) + FIXED_MEMORY_BYTES
+    for k in range(3):
+        spacing = native[k] if stage.spacing_mm[k] is None else float(stage.spacing_mm[k])
+        span = extent[k] if stage.region.kind != "fixed_box" else min(extent[k], float(stage.region.size_mm[k]))
+        voxels *= max(int(math.ceil(span / spacing - 1e-6)), int(stage.patch_size[k]), 1)
+    return voxels, stage.batch_size * math.prod(stage.patch_size)
+
+
+def estimate_memory_bytes(image: ImageOrInfo, manifest=None) -> int:
+    """Peak memory (bytes) a segmentation of ``image`` needs, input included, from its
+    header alone (``sitk.Image`` or ``ImageInfo``) and the model's stages.
+
+    Model, in the worst case (the localize stage finds kidney everywhere):
+    ``voxels * (input bytes per voxel + EXTRA_BYTES_PER_VOXEL) + FIXED_MEMORY_BYTES``
+    on the input grid, plus, per stage, its working grid (:func:`_stage_voxels`: the
+    physical extent at the stage's spacing) times ``24 + 8 C + 12 K`` bytes (resampled
+    HU and C input channels, twice; K class accumulators, probabilities and their
+    image; the argmax), the resample-back slabs of ``segment``/``overlay`` stages, and a
+    localize stage's kept probabilities (``4 K + 1`` bytes per voxel) for the rest of the
+    run. Stages run one after another, so the largest stage counts once. Without a
+    manifest only the input-grid part and the fixed cost are counted.
+    """
+    info = _info(image)
+    voxels = info.voxels
+    input_bytes = info.component_bytes * info.components
+    total = voxels * (input_bytes + EXTRA_BYTES_PER_VOXEL) + FIXED_MEMORY_BYTES
+    if manifest is None:
+        return total
+    from .pipeline import _BACK_RESAMPLE_VOXELS
+
+    kept, largest = 0, 0
+    for stage in manifest.stages:
+        c, k = manifest.network_in_channels(stage), len(stage.classes)
+        grid_voxels, window_voxels = _stage_voxels(stage, info)
+        working = grid_voxels * (24 + 8 * c + 12 * k) + window_voxels * 4 * (2 * c + 2 * k)
+        if stage.role == "localize":
+            kept += grid_voxels * (4 * k + 1)
+        else:
+            working += min(_BACK_RESAMPLE_VOXELS, voxels) * (8 * k + 9)
+        largest = max(largest, working)
+    return total + kept + largest
 
 
 def estimate_region_memory_bytes(grid_size, in_channels: int, num_classes: int) -> int:
@@ -222,25 +317,65 @@ def _read_stat(path: Path, key: str) -> int:
     return 0
 
 
-def _cgroup_available_bytes(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Memory left under this process's cgroup limit (containers, batch
-    schedulers), or None when there is no limit. Reclaimable page cache
+def _own_cgroup_paths(proc_self_cgroup: Path) -> tuple[Optional[str], Optional[str]]:
+    """This process's cgroup paths from ``/proc/self/cgroup``: (v2 path, v1 memory path)."""
+    v2 = v1 = None
+    try:
+        lines = proc_self_cgroup.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if hierarchy == "0" and controllers == "":
+            v2 = path
+        elif "memory" in controllers.split(","):
+            v1 = path
+    return v2, v1
+
+
+def _cgroup_chain(base: Path, own: Optional[str]) -> list[Path]:
+    """``base/own`` and every folder above it up to ``base`` (limits nest: the smallest wins)."""
+    chain = []
+    if own:
+        d = base / own.strip("/")
+        while True:
+            chain.append(d)
+            if d == base or base not in d.parents:
+                break
+            d = d.parent
+    if base not in chain:
+        chain.append(base)
+    return [d for d in chain if d.is_dir()]
+
+
+def _cgroup_available_bytes(root: Path = Path("/sys/fs/cgroup"),
+                            proc_self_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Memory left under this process's cgroup limits (containers, batch schedulers),
+    or None when there is no limit. The cgroup is this process's own (from
+    ``/proc/self/cgroup``), and every limit above it counts too. Reclaimable page cache
     (inactive files) is counted as available, as the kernel would."""
-    v2 = root / "memory.max"
-    if v2.exists():
-        limit = _read_int(v2)  # "max" (no limit) reads as None
-        used = _read_int(root / "memory.current")
-        if limit is None or used is None:
-            return None
-        used -= _read_stat(root / "memory.stat", "inactive_file")
-        return max(0, limit - max(0, used))
-    v1 = root / "memory"
-    limit = _read_int(v1 / "memory.limit_in_bytes")
-    used = _read_int(v1 / "memory.usage_in_bytes")
-    if limit is None or used is None or limit >= 1 << 60:  # v1 says "no limit" with a huge number
-        return None
-    used -= _read_stat(v1 / "memory.stat", "total_inactive_file")
-    return max(0, limit - max(0, used))
+    v2_own, v1_own = _own_cgroup_paths(proc_self_cgroup)
+    headrooms = []
+    if (root / "cgroup.controllers").exists() or (root / "memory.max").exists() or v2_own is not None and not (root / "memory").is_dir():
+        for d in _cgroup_chain(root, v2_own):
+            limit = _read_int(d / "memory.max")  # "max" (no limit) reads as None
+            used = _read_int(d / "memory.current")
+            if limit is None or used is None:
+                continue
+            used -= _read_stat(d / "memory.stat", "inactive_file")
+            headrooms.append(max(0, limit - max(0, used)))
+    else:
+        for d in _cgroup_chain(root / "memory", v1_own):
+            limit = _read_int(d / "memory.limit_in_bytes")
+            used = _read_int(d / "memory.usage_in_bytes")
+            if limit is None or used is None or limit >= 1 << 60:  # v1 says "no limit" with a huge number
+                continue
+            used -= _read_stat(d / "memory.stat", "total_inactive_file")
+            headrooms.append(max(0, limit - max(0, used)))
+    return min(headrooms) if headrooms else None
 
 
 def available_memory_bytes() -> int | None:
@@ -262,26 +397,63 @@ def available_memory_bytes() -> int | None:
     return available
 
 
-def check_memory(image: sitk.Image, available: int | None = None) -> None:
+def check_memory(image: ImageOrInfo, available: int | None = None, manifest=None) -> None:
     """Raise InsufficientMemoryError when segmenting ``image`` would need more
     memory than is available.
 
-    ``image`` is already loaded, so what must still fit is
-    :func:`estimate_memory_bytes` minus the input's own size. ``available``
-    in bytes; None -> :func:`available_memory_bytes` (no check where that is
-    unknown).
+    ``image``: a loaded ``sitk.Image`` (what must still fit is
+    :func:`estimate_memory_bytes` minus the input's own size) or the ``ImageInfo`` of a
+    header not yet read (the input counts too: call this before reading). ``manifest``:
+    the model whose stage grids count (see :func:`estimate_memory_bytes`). ``available``
+    in bytes; None -> :func:`available_memory_bytes` (no check where that is unknown).
     """
     if available is None:
         available = available_memory_bytes()
         if available is None:
             logger.debug("Available memory unknown on this system; memory check skipped")
             return
-    total = estimate_memory_bytes(image)
-    input_bytes = total - FIXED_MEMORY_BYTES - math.prod(image.GetSize()) * EXTRA_BYTES_PER_VOXEL
-    needed = total - input_bytes
+    info = _info(image)
+    total = estimate_memory_bytes(info, manifest)
+    loaded = isinstance(image, sitk.Image)
+    input_bytes = info.voxels * info.component_bytes * info.components
+    needed = total - input_bytes if loaded else total
     if needed > available:
+        what = (f"more than the {input_bytes / 1e9:.1f} GB the loaded image takes" if loaded
+                else f"({input_bytes / 1e9:.1f} GB of it the image itself)")
         raise InsufficientMemoryError(
-            f"Not enough memory for the {_size_text(image)} {image.GetPixelIDTypeAsString()} volume: "
-            f"segmenting it needs about {needed / 1e9:.1f} GB more than the {input_bytes / 1e9:.1f} GB "
-            f"the loaded image takes, {available / 1e9:.1f} GB available"
+            f"Not enough memory for the {_size_text(info)} {info.pixel_type} volume: "
+            f"segmenting it needs about {needed / 1e9:.1f} GB {what}, {available / 1e9:.1f} GB available"
         )
+
+
+#: What allocation failures say: torch's CPU allocator, ITK, the C++ runtime, CUDA.
+_ALLOCATION_FAILURES = ("can't allocate memory", "defaultcpuallocator", "failed to allocate memory", "bad_alloc",
+                        "out of memory", "cannot allocate memory", "memory allocation failed")
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    """True for an exception that says memory could not be allocated."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(t in text for t in _ALLOCATION_FAILURES)
+
+
+@contextlib.contextmanager
+def allocation_failures_as_errors(what: str) -> Iterator[None]:
+    """Turn an allocation failure inside (torch, ITK, numpy) into InsufficientMemoryError
+    naming ``what`` needed the memory; any other exception passes unchanged."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if not is_allocation_failure(exc):
+            raise
+        detail = " ".join(str(exc).split())
+        amount = ""
+        import re
+
+        m = re.search(r"allocate (\d+) bytes", detail)
+        if m:
+            amount = f" (an allocation of {int(m.group(1)) / 1e9:.1f} GB failed)"
+        raise InsufficientMemoryError(f"Not enough memory for {what}{amount}; try a smaller volume, "
+                                      "a smaller model or a machine with more memory") from None

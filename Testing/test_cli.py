@@ -107,6 +107,34 @@ def test_force_accepts_non_ct_intensities(tmp_path, ct_file, package_dir):
     assert run_cli("segment", tmp_path / "shifted.nii.gz", "-o", tmp_path / "a.nii.gz", "--model", package_dir, "--force") == 0
 
 
+def test_not_ct_refusal_is_structured_in_the_json_progress_stream(tmp_path, ct_file, package_dir, capsys):
+    """Front ends (the Slicer module) read the error's kind, to offer --force for this one."""
+    image = sitk.ReadImage(str(ct_file)) + 1100
+    sitk.WriteImage(image, str(tmp_path / "shifted.nii.gz"))
+    assert run_cli("segment", tmp_path / "shifted.nii.gz", "-o", tmp_path / "a.nii.gz", "--model", package_dir,
+                   "--progress", "json") == 1
+    err = capsys.readouterr().err.splitlines()
+    errors = [json.loads(line)["error"] for line in err if line.startswith('{"error"')]
+    assert [e["kind"] for e in errors] == ["NotCTLikeError"] and "not CT-like" in errors[0]["message"]
+    assert err[-1].startswith("error: Input is not CT-like")  # the one-line message stays last
+    assert run_cli("segment", tmp_path / "shifted.nii.gz", "-o", tmp_path / "a.nii.gz", "--model", package_dir) == 1
+    assert not any(line.startswith("{") for line in capsys.readouterr().err.splitlines())  # only with --progress json
+
+
+def test_batch_case_errors_are_structured_in_the_json_progress_stream(tmp_path, ct_file, package_dir, capsys):
+    """In batch mode the refused case gets its structured line (naming the input) and the others still run."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    sitk.WriteImage(sitk.ReadImage(str(ct_file)), str(cases / "good.nii.gz"))
+    sitk.WriteImage(sitk.ReadImage(str(ct_file)) + 1100, str(cases / "shifted.nii.gz"))
+    assert run_cli("segment", cases, "-o", tmp_path / "out", "--model", package_dir, "--progress", "json") == 1
+    captured = capsys.readouterr()
+    errors = [json.loads(line)["error"] for line in captured.err.splitlines() if line.startswith('{"error"')]
+    assert [(e["kind"], e["input"]) for e in errors] == [("NotCTLikeError", str(cases / "shifted.nii.gz"))]
+    assert (tmp_path / "out" / "good.nii.gz").exists() and not (tmp_path / "out" / "shifted.nii.gz").exists()
+    assert "1 of 2 cases segmented" in captured.out
+
+
 def test_unwritable_output_folder(tmp_path, ct_file, package_dir, capsys):
     (tmp_path / "a_file").write_text("x")
     assert run_cli("segment", ct_file, "-o", tmp_path / "a_file" / "seg.nii.gz", "--model", package_dir) == 1
@@ -141,6 +169,9 @@ def test_models_list_and_devices_json(capsys):
     assert run_cli("models", "list", "--json") == 0
     models = json.loads(capsys.readouterr().out)
     assert any(m["default"] for m in models)
+    default = next(m for m in models if m["default"])
+    assert default["data_provenance"]["phantoms"] is True  # the manifest's provenance.data, plain values only
+    assert all(not isinstance(v, (list, dict)) for m in models for v in m["data_provenance"].values())
     assert run_cli("devices", "--json") == 0
     devices = json.loads(capsys.readouterr().out)
     assert devices[-1]["kind"] == "cpu"

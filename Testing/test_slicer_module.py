@@ -1,20 +1,26 @@
-"""Tests of the KidneyTumorSeg Slicer module outside Slicer.
+"""Tests of the KidneyTumorSeg Slicer module outside the Slicer application, on real Slicer core.
 
-The module runs against the Slicer stand-in in ``Testing/slicer_shim`` (real VTK from PyPI,
-Slicer's function names and signatures, RAS<->LPS done for real). The library's command line is
-replaced by a fake ``KidneyTumorSegLib`` package written to a temporary folder and run by the
+MRML, segmentations, terminology tags, storage (.nrrd, .seg.nrrd, scenes), the Segmentations /
+Volumes / Colors / SubjectHierarchy logics and ``slicer.util`` are Slicer's own code from the
+``slicer-core`` wheel (PyPI). Only what no wheel provides - Qt/CTK widgets, ``slicer.app``, the
+module registry, ``ScriptedLoadableModule``, dialogs - comes from ``Testing/slicer_app_shim``
+(its Qt names are checked against PyQt5's meta-objects below). Most tests replace the library's
+command line by a fake ``KidneyTumorSegLib`` package written to a temporary folder and run by the
 module's real process runner (``python -m KidneyTumorSegLib ...`` in a subprocess), so command
-lines, progress parsing, process-tree killing and temporary-file cleanup are the real code paths.
-The fake thresholds the CT it receives and writes the label map with the input's own geometry.
+lines, progress parsing, process-tree killing and temporary-file cleanup are the real code paths;
+the fake thresholds the CT it receives and writes the label map with the input's own geometry.
+The self-test and batch mode also run the real library with the bundled model.
 """
 
 from __future__ import annotations
 
 import ast
+import csv
 import json
 import os
 import re
 import struct
+import subprocess
 import sys
 import textwrap
 import time
@@ -27,25 +33,33 @@ import pytest
 import SimpleITK as sitk
 
 try:
+    import slicer
     import vtk
-except ImportError:  # pragma: no cover - depends on the machine
-    if os.environ.get("CI"):
-        raise ImportError("the Slicer stand-in needs VTK from PyPI: pip install vtk (test dependency)")
-    pytest.skip("the Slicer stand-in uses VTK from PyPI (pip install vtk)", allow_module_level=True)
+
+    if not hasattr(slicer, "vtkMRMLScene"):
+        raise ImportError(f"'slicer' at {getattr(slicer, '__file__', '?')} is not the slicer-core package")
+except ImportError as exc:  # pragma: no cover - depends on the machine
+    if os.environ.get("CI") and sys.version_info >= (3, 10):
+        raise ImportError(f"these tests need Slicer core from PyPI: pip install slicer-core (test extra): {exc}")
+    pytest.skip(f"Slicer core is not installed (pip install slicer-core, Python >= 3.10): {exc}",
+                allow_module_level=True)
 
 REPO = Path(__file__).resolve().parent.parent
 MODULE_DIR = REPO / "KidneyTumorSeg"
 HELPERS_DIR = MODULE_DIR / "KidneyTumorSegHelpers"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "KidneyTumorSeg.ui"
-SHIM_DIR = Path(__file__).resolve().parent / "slicer_shim"
+SHIM_DIR = Path(__file__).resolve().parent / "slicer_app_shim"
 SLICER_API_DOC = REPO.parent / "shared" / "SLICER_API.md"
 
 for path in (str(SHIM_DIR), str(MODULE_DIR)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-import qt  # noqa: E402  (the stand-in)
-import slicer  # noqa: E402
+import ctk  # noqa: E402  (stand-in: no wheel has CTK)
+import qt  # noqa: E402  (stand-in: no wheel has PythonQt)
+import slicer_app_shim as shim  # noqa: E402
+
+shim.install()
 
 import KidneyTumorSeg  # noqa: E402
 from KidneyTumorSegHelpers import batch, process, results, segments, terminology  # noqa: E402
@@ -90,11 +104,16 @@ FAKE_MAIN = textwrap.dedent('''
     if args.command == "models":
         print("INFO some log line before the document", file=sys.stderr)
         print(json.dumps([{"name": "fake-phantom", "version": "1.0", "description": "Fake model",
-                           "intended_use": "tests on phantoms", "path": "/models/fake-phantom",
-                           "labels": {"kidney": 1, "tumor": 2, "cyst": 3}, "has_cyst": True, "default": True},
-                          {"name": "nocyst", "version": "0.1", "description": "No cysts", "intended_use": "tests",
-                           "path": "/models/nocyst", "labels": {"kidney": 1, "tumor": 2}, "has_cyst": False,
-                           "default": False}], indent=1))
+                           "intended_use": "tests", "path": "/models/fake-phantom",
+                           "labels": {"kidney": 1, "tumor": 2, "cyst": 3}, "has_cyst": True, "default": True,
+                           "data_provenance": {"phantoms": True, "dataset": "synthetic"}},
+                          {"name": "nocyst", "version": "0.1", "description": "No cysts (a phantom-free model)",
+                           "intended_use": "tests; compared with phantom results", "path": "/models/nocyst",
+                           "labels": {"kidney": 1, "tumor": 2}, "has_cyst": False, "default": False,
+                           "data_provenance": {"phantoms": False, "dataset": "KiTS19"}},
+                          {"name": "undeclared", "version": "0.1", "description": "Old manifest",
+                           "intended_use": "tests", "path": "/models/undeclared",
+                           "labels": {"kidney": 1, "tumor": 2}, "has_cyst": False, "default": False}], indent=1))
         sys.exit(0)
     if args.command == "devices":
         if behaviour == "nodevices":
@@ -121,6 +140,11 @@ FAKE_MAIN = textwrap.dedent('''
     if behaviour == "oom":
         print("error: CUDA out of memory while segmenting (tried to allocate 2.0 GiB); try --device cpu",
               file=sys.stderr)
+        sys.exit(1)
+    if behaviour == "notct" and not args.force:
+        message = "Input is not CT-like: its 0.5th percentile is 0; pass --force to segment it anyway"
+        print(json.dumps({"error": {"kind": "NotCTLikeError", "message": message}}), file=sys.stderr, flush=True)
+        print("error: " + message, file=sys.stderr)
         sys.exit(1)
     if behaviour == "crash":
         print("Traceback (most recent call last):", file=sys.stderr)
@@ -163,12 +187,13 @@ def fakeLibraryRoot(tmp_path_factory):
 
 @pytest.fixture
 def scene(monkeypatch, tmp_path):
-    """A fresh Slicer scene, event loop, dialog answers and module registry for each test."""
-    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene())
-    monkeypatch.setattr(slicer, "modules", SimpleNamespace(kidneytumorseg=SimpleNamespace(path=str(MODULE_DIR / "KidneyTumorSeg.py"))))
+    """A fresh real MRML scene (with the module logics Slicer sets on it), event loop, dialog
+    answers and module registry for each test."""
+    shim.newScene()
+    shim.registerModule("KidneyTumorSeg", str(MODULE_DIR / "KidneyTumorSeg.py"))
     monkeypatch.setattr(slicer.app, "temporaryPath", str(tmp_path / "slicer-temp"))
     os.makedirs(slicer.app.temporaryPath)
-    slicer._shim.reset()
+    shim.state.reset()
     qt._resetEventLoop()
     record = tmp_path / "record"
     record.mkdir()
@@ -405,11 +430,10 @@ def test_csv_row():
     assert set(row) == set(results.CSV_COLUMNS)
 
 
-@pytest.mark.parametrize("scalarRange, problem", [
-    ((-1024, 1500), ""), ((-150, 400), ""), ((0, 4095), "lowest intensity is 0"), ((-1000, 50), "highest intensity is 50")])
-def test_ct_intensity_check(scalarRange, problem):
-    found = results.ctIntensityProblem(scalarRange)
-    assert (problem in found) if problem else found == ""
+def test_structured_error_lines_are_parsed():
+    line = json.dumps({"error": {"kind": "NotCTLikeError", "message": "Input is not CT-like: x"}})
+    assert process.parseOutputLine(line) == process.ErrorLine("Input is not CT-like: x", "NotCTLikeError")
+    assert process.failureMessage([line], 1) == "Input is not CT-like: x"
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,6 +472,9 @@ def test_label_map_not_on_the_input_grid_is_rejected(scene):
 
 def test_segment_end_to_end(logic, scene):
     volume = addCT()
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient 1"), "CT study")
+    sh.SetItemParent(sh.GetItemByDataNode(volume), study)
     before = slicer.util.arrayFromVolume(volume).copy()
     progress = []
     node = logic.segment(volume, model="fake-phantom", device="cpu", progressCallback=lambda f, m: progress.append((f, m)))
@@ -479,12 +506,14 @@ def test_segment_end_to_end(logic, scene):
         assert segment.GetColor() == pytest.approx(spec.color)
         assert not segment.GetNameAutoGenerated() and not segment.GetColorAutoGenerated()
     assert node.GetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole()) == volume.GetID()
-    assert node._closedSurface and node._sourceRepresentation == "Binary labelmap"
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetSourceRepresentationName() == slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    assert segmentation.ContainsRepresentation(slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
     assert node.GetDisplayNode() is not None
 
-    # Placed with the volume in the subject hierarchy; measurements kept on the node.
+    # Placed with the volume in its subject hierarchy study; measurements kept on the node.
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-    assert sh.GetItemParent(sh.GetItemByDataNode(node)) == sh.GetItemParent(sh.GetItemByDataNode(volume))
+    assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
     stats = json.loads(node.GetAttribute("KidneyTumorSeg.Stats"))
     assert stats["labels_present"] == [1, 2, 3] and logic.lastRun.stats == stats
 
@@ -573,17 +602,27 @@ def test_bad_input_volumes_are_refused(logic, scene):
     rgb = slicer.util.addVolumeFromArray(np.zeros((8, 8, 8, 3), np.uint8), name="photo",
                                          nodeClassName="vtkMRMLVectorVolumeNode")
     assert "not a scalar" in logic.inputProblem(rgb)
+    assert rgb.IsA("vtkMRMLScalarVolumeNode")  # real MRML: vector volumes are scalar volume subclasses
+    # What the library itself refuses (KidneyTumorSegLib.validation), the logic refuses before starting.
     flat = slicer.util.addVolumeFromArray(np.zeros((1, 64, 64), np.int16), name="slice")
-    assert "not a 3D volume" in logic.inputProblem(flat)
-    with pytest.raises(SegmentationError, match="not a 3D volume"):
+    assert logic.inputProblem(flat) == "" and "2D slice" in logic.ctCheck(flat)[0]
+    with pytest.raises(SegmentationError, match="2D slice"):
         logic.segment(flat)
-    mri = slicer.util.addVolumeFromArray(np.full((8, 8, 8), 300, np.int16), name="mri")
-    assert logic.inputProblem(mri) == "" and "lowest intensity is 300" in logic.intensityProblem(mri)
+    constant = slicer.util.addVolumeFromArray(np.full((8, 8, 8), -1000, np.int16), name="blank")
+    assert "constant image" in logic.ctCheck(constant)[0]
+    mri = slicer.util.addVolumeFromArray(makeCT() + 1100, name="mri")
+    refusal, notCT = logic.ctCheck(mri)
+    assert refusal == "" and "not CT-like" in notCT
+    with pytest.raises(SegmentationError) as info:
+        logic.segment(mri)
+    assert info.value.notCT
+    assert logic.ctCheck(addCT()) == ("", "")
+    assert not (scene.record / "argv.json").exists()
 
 
 def test_models_and_devices_are_listed(logic, scene):
     models = logic.listModels()
-    assert [m["name"] for m in models] == ["fake-phantom", "nocyst"]
+    assert [m["name"] for m in models] == ["fake-phantom", "nocyst", "undeclared"]
     assert logic.modelHasCyst(None) and logic.modelHasCyst("fake-phantom") and not logic.modelHasCyst("nocyst")
     devices = logic.listDevices()
     assert devices[1] == {"kind": "cuda", "name": "Fake GPU", "memory_bytes": 8 * 1024 ** 3}
@@ -591,6 +630,7 @@ def test_models_and_devices_are_listed(logic, scene):
 
 def test_missing_library_and_interpreter_are_clear_errors(scene, tmp_path, monkeypatch, fakeLibraryRoot):
     monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(slicer.app, "slicerHome", str(tmp_path))  # a Slicer without bin/PythonSlicer
     volume = addCT()
     with pytest.raises(SegmentationError, match="PythonSlicer"):
         KidneyTumorSegLogic(libraryRoot=str(tmp_path)).segment(volume)
@@ -622,13 +662,13 @@ def test_torch_installed_with_pip_keeping_slicers_packages(logic, scene, monkeyp
         import numpy
         assert f"numpy=={numpy.__version__}" in pins
         assert any(p.startswith("SimpleITK==") for p in pins)
-        slicer._shim.pipInstalls.append(requirements)
+        shim.state.pipInstalls.append(requirements)
         installed["torch"] = True
 
     monkeypatch.setattr(slicer.util, "pip_install", fakePip)
     logic.installTorch()
-    assert len(slicer._shim.pipInstalls) == 1 and logic.torchInstalled()
-    assert not os.path.exists(slicer._shim.pipInstalls[0][2])  # constraints file removed
+    assert len(shim.state.pipInstalls) == 1 and logic.torchInstalled()
+    assert not os.path.exists(shim.state.pipInstalls[0][2])  # constraints file removed
 
 
 def test_torch_installed_through_pytorch_utils_when_present(logic, scene, monkeypatch):
@@ -647,7 +687,7 @@ def test_torch_installed_through_pytorch_utils_when_present(logic, scene, monkey
     state["torch"] = True
     logic.installTorch()
     assert calls == [(False, ">=2.1,<3"), (False, ">=2.1,<3")]
-    assert slicer._shim.pipInstalls == []
+    assert shim.state.pipInstalls == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -719,12 +759,12 @@ def test_widget_segments_shows_results_and_opens_the_editor(logic, scene):
     # Edit in Segment Editor: without a main window Slicer raises; with one, the editor gets both nodes.
     with pytest.raises(RuntimeError):
         ui.editButton.click()
-    assert slicer._shim.dialogs[-1][0] == "error"
+    assert shim.state.dialogs[-1][0] == "error"
     editor = FakeSegmentEditor()
-    slicer._shim.mainWindow = True
-    slicer._shim.moduleWidgets["SegmentEditor"] = SimpleNamespace(editor=editor)
+    shim.state.mainWindow = True
+    shim.state.moduleWidgets["SegmentEditor"] = SimpleNamespace(editor=editor)
     ui.editButton.click()
-    assert slicer._shim.selectedModule == "SegmentEditor"
+    assert shim.state.selectedModule == "SegmentEditor"
     assert editor.segmentationNode is node and editor.sourceVolumeNode is volume
 
     # State lives in the parameter node: a new panel on the same scene shows the same result.
@@ -745,13 +785,13 @@ def test_widget_asks_before_replacing_segments(logic, scene):
     first = widget.ui.outputSegmentationSelector.currentNode()
     (scene.record / "argv.json").unlink()
 
-    slicer._shim.answers = [False]
+    shim.state.answers = [False]
     widget.ui.applyButton.click()
-    assert slicer._shim.dialogs[-1][0] == "confirmOkCancel" and "Kidney, Tumor, Cyst" in slicer._shim.dialogs[-1][1]
+    assert shim.state.dialogs[-1][0] == "confirmOkCancel" and "Kidney, Tumor, Cyst" in shim.state.dialogs[-1][1]
     assert widget._run.segmentationNode is first and not (scene.record / "argv.json").exists()
     assert "kept" in widget.ui.statusLabel.text
 
-    slicer._shim.answers = [True]
+    shim.state.answers = [True]
     runWidget(widget)
     assert (scene.record / "argv.json").exists()
     assert len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")) == 1
@@ -782,15 +822,15 @@ def test_widget_offers_cpu_after_gpu_out_of_memory(logic, scene, monkeypatch):
     widget.ui.inputVolumeSelector.setCurrentNode(volume)
     waitFor(lambda: widget._deviceQuery is None)
     widget.ui.deviceComboBox.setCurrentIndex(widget.ui.deviceComboBox.findData("cuda"))
-    slicer._shim.answers = [True]
+    shim.state.answers = [True]
     runWidget(widget)
-    assert slicer._shim.dialogs[-1][0] == "confirmYesNo" and "out of GPU memory" in slicer._shim.dialogs[-1][1]
+    assert shim.state.dialogs[-1][0] == "confirmYesNo" and "out of GPU memory" in shim.state.dialogs[-1][1]
     # The retry is a second run, on the CPU; it also fails here (same fake), then no further question.
     waitFor(lambda: widget._run.finished)
     argv = json.loads((scene.record / "argv.json").read_text(encoding="utf-8"))
     assert argv[argv.index("--device") + 1] == "cpu"
     assert widget.ui.statusLabel.text.startswith("Segmentation failed: CUDA out of memory")
-    assert len(slicer._shim.dialogs) == 1
+    assert len(shim.state.dialogs) == 1
     widget.cleanup()
 
 
@@ -798,10 +838,10 @@ def test_widget_non_ct_volume_needs_confirmation_then_forces(logic, scene):
     mri = slicer.util.addVolumeFromArray(makeCT() + 1100, ijkToRAS=obliqueIjkToRas(), name="MR")
     widget = makeWidget(logic)
     widget.ui.inputVolumeSelector.setCurrentNode(mri)
-    slicer._shim.answers = [False]
+    shim.state.answers = [False]
     widget.ui.applyButton.click()
-    assert "does not look like a CT" in slicer._shim.dialogs[-1][1] and widget._run is None
-    slicer._shim.answers = [True]
+    assert "does not look like a CT" in shim.state.dialogs[-1][1] and widget._run is None
+    shim.state.answers = [True]
     runWidget(widget)
     assert "--force" in json.loads((scene.record / "argv.json").read_text(encoding="utf-8"))
     widget.cleanup()
@@ -812,11 +852,11 @@ def test_widget_missing_torch_asks_and_installs_nothing_when_declined(logic, sce
     volume = addCT()
     widget = makeWidget(logic)
     widget.ui.inputVolumeSelector.setCurrentNode(volume)
-    slicer._shim.answers = [False]
+    shim.state.answers = [False]
     widget.ui.applyButton.click()
-    kind, text = slicer._shim.dialogs[-1]
+    kind, text = shim.state.dialogs[-1]
     assert kind == "confirmOkCancel" and "needs PyTorch" in text and "pip" in text
-    assert slicer._shim.pipInstalls == [] and widget._run is None
+    assert shim.state.pipInstalls == [] and widget._run is None
     assert not (scene.record / "argv.json").exists()
     assert "PyTorch is required" in widget.ui.statusLabel.text
     widget.cleanup()
@@ -831,7 +871,7 @@ def test_widget_apply_disabled_with_reason_for_bad_input(logic, scene):
     assert widget.ui.inputVolumeSelector.currentNode() is None
     flat = slicer.util.addVolumeFromArray(np.zeros((1, 32, 32), np.int16), name="slice")
     widget.ui.inputVolumeSelector.setCurrentNode(flat)
-    assert not widget.ui.applyButton.enabled and "not a 3D volume" in widget.ui.applyButton.toolTip
+    assert not widget.ui.applyButton.enabled and "2D slice" in widget.ui.applyButton.toolTip
     widget.ui.applyButton.click()  # disabled: nothing happens
     assert widget._run is None
     widget.cleanup()
@@ -847,8 +887,310 @@ def test_widget_survives_devices_listing_failure(logic, scene, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
+# What real MRML does that the old stand-in hid (issue 14), and the radiologist's loop
+# --------------------------------------------------------------------------------------------
+
+def test_fresh_scene_without_an_active_volume(logic, scene):
+    """Real MRML raises TypeError for GetNodeByID(None): setup() on a fresh scene must not ask."""
+    selection = slicer.app.applicationLogic().GetSelectionNode()
+    assert selection is not None and selection.GetActiveVolumeID() is None
+    with pytest.raises(TypeError):
+        slicer.mrmlScene.GetNodeByID(None)
+    widget = makeWidget(logic)
+    assert widget.ui.inputVolumeSelector.currentNode() is None and not widget.ui.applyButton.enabled
+    volume = addCT()  # a volume loaded afterwards, not shown in the views: the first grey-level volume
+    widget.initializeParameterNode()
+    assert widget.ui.inputVolumeSelector.currentNode() is volume
+    widget.cleanup()
+
+
+def test_rgb_volume_is_never_offered_or_preselected(logic, scene):
+    """Vector (RGB) volumes are vtkMRMLScalarVolumeNode subclasses in real MRML."""
+    rgb = slicer.util.addVolumeFromArray(np.zeros((8, 8, 8, 3), np.uint8), name="photo",
+                                         nodeClassName="vtkMRMLVectorVolumeNode")
+    assert rgb.IsA("vtkMRMLScalarVolumeNode")
+    slicer.app.applicationLogic().GetSelectionNode().SetActiveVolumeID(rgb.GetID())  # shown in the views
+    widget = makeWidget(logic)
+    assert widget._parameterNode.GetNodeReference("InputVolume") is None
+    assert widget.ui.inputVolumeSelector.currentNode() is None
+    assert rgb not in widget.ui.inputVolumeSelector.nodes()
+    ct = addCT()
+    assert widget.ui.inputVolumeSelector.nodes() == [ct]
+    assert widget._defaultInputVolume() is ct  # the active RGB volume is passed over
+    widget.ui.inputVolumeSelector.setCurrentNode(rgb)
+    assert widget.ui.inputVolumeSelector.currentNode() is None
+    assert "not a scalar" in logic.inputProblem(rgb)
+    widget.cleanup()
+
+
+def test_scene_close_resets_the_parameter_node_and_the_panel_recovers(logic, scene, capfd):
+    """scene.Clear(0) keeps singleton nodes but resets them: the parameter node loses its values,
+    and the selection node its active volume (the close handler then met GetNodeByID(None))."""
+    volume = addCT()
+    slicer.app.applicationLogic().GetSelectionNode().SetActiveVolumeID(volume.GetID())
+    widget = makeWidget(logic)
+    widget.ui.ttaCheckBox.checked = True
+    parameterNode = widget._parameterNode
+    assert parameterNode.GetParameter("TestTimeAugmentation") == "true"
+    capfd.readouterr()
+    slicer.mrmlScene.Clear(0)
+    # VTK prints, and does not raise, what an observer callback raises: read what it printed.
+    assert "Traceback" not in capfd.readouterr().err
+    widget.onSceneEndClose(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent)  # as Slicer calls it: no error
+    assert slicer.mrmlScene.IsNodePresent(parameterNode)  # the same singleton, reset
+    assert widget._parameterNode is parameterNode
+    assert parameterNode.GetParameter("Device") == "auto" and parameterNode.GetParameter("CystSegment") == "true"
+    assert parameterNode.GetParameter("TestTimeAugmentation") == "false" and not widget.ui.ttaCheckBox.checked
+    assert widget.ui.inputVolumeSelector.currentNode() is None and not widget.ui.applyButton.enabled
+    assert widget.ui.resultsTable.rowCount == 0
+    # Re-open: a new CT in the emptied scene is picked up and segmented.
+    again = addCT("Second CT")
+    slicer.app.applicationLogic().GetSelectionNode().SetActiveVolumeID(again.GetID())
+    widget.initializeParameterNode()
+    assert widget.ui.inputVolumeSelector.currentNode() is again
+    runWidget(widget)
+    assert widget._run.state == "succeeded"
+    widget.cleanup()
+
+
+def test_parameter_node_survives_scene_save_and_reload(logic, scene, tmp_path):
+    volume = addCT()
+    widget = makeWidget(logic)
+    widget.ui.inputVolumeSelector.setCurrentNode(volume)
+    widget.ui.deviceComboBox.setCurrentIndex(widget.ui.deviceComboBox.findData("cpu"))
+    widget.ui.ttaCheckBox.checked = True
+    runWidget(widget)
+    segmentation = widget.ui.outputSegmentationSelector.currentNode()
+    table = widget._parameterNode.GetNodeReference("ResultTable")
+    assert table is not None and table.GetNumberOfRows() == 3
+    widget.cleanup()
+
+    # Save as Slicer's Save dialog does: each storable node to its file, then the scene (.mrml).
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    for node, fileName in ((volume, "ct.nrrd"), (segmentation, "seg.seg.nrrd"), (table, "results.tsv")):
+        node.AddDefaultStorageNode()
+        node.GetStorageNode().SetFileName(str(folder / fileName))
+        assert node.GetStorageNode().WriteData(node)
+    slicer.mrmlScene.SetURL(str(folder / "scene.mrml"))
+    assert slicer.mrmlScene.Commit()
+
+    slicer.mrmlScene.Clear(0)
+    assert logic.getParameterNode().GetParameter("Device") == ""
+    slicer.mrmlScene.SetURL(str(folder / "scene.mrml"))
+    slicer.mrmlScene.Import()
+
+    node = logic.getParameterNode()
+    assert (node.GetParameter("Device"), node.GetParameter("TestTimeAugmentation")) == ("cpu", "true")
+    loadedVolume = node.GetNodeReference("InputVolume")
+    loadedSegmentation = node.GetNodeReference("ResultSegmentation")
+    assert loadedVolume.GetName() == "Abdomen CT" and node.GetNodeReference("ResultVolume") is loadedVolume
+    # The CT is left-handed (obliqueIjkToRas): reloaded from its .nrrd it comes back with k
+    # reversed (Slicer >= 5.8); the reloaded segments still cover the same voxels physically.
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(loadedVolume), makeCT()[::-1])
+    assert segmentNames(loadedSegmentation) == ["Kidney", "Tumor", "Cyst"]
+    assert terminologyOf(loadedSegmentation, "Tumor") == terminology.TUMOR_SEGMENT.terminology
+    np.testing.assert_array_equal(segmentArray(loadedSegmentation, "Tumor", loadedVolume),
+                                  (makeCT()[::-1] == TUMOR_HU).astype(np.uint8))
+    loadedTable = node.GetNodeReference("ResultTable")
+    assert loadedTable.GetNumberOfRows() == 3 and loadedTable.GetCellText(0, 0) == "Kidney (right)"
+    assert json.loads(node.GetParameter("Results"))["labels_present"] == [1, 2, 3]
+
+    again = makeWidget(logic)
+    assert again.ui.inputVolumeSelector.currentNode() is loadedVolume
+    assert again.ui.deviceComboBox.currentData == "cpu" and again.ui.ttaCheckBox.checked
+    assert again.ui.resultsTable.rowCount == 3 and again.ui.editButton.enabled
+    again.cleanup()
+
+
+def test_left_handed_input_is_segmented_right_in_physical_space(logic, scene, tmp_path):
+    """Slicer >= 5.8 loads a left-handed NIfTI with k reversed (ForceRightHandedIJKCoordinateSystem):
+    the arrays are flipped against the file's, the segments are still where the file says."""
+    path = tmp_path / "left_handed.nii.gz"
+    reference = writeNifti(path, makeCT(), obliqueIjkToRas())
+    assert isLeftHanded(reference)
+    volume = slicer.util.loadVolume(str(path))
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    assert matrix.Determinant() > 0  # made right-handed on load
+    array = slicer.util.arrayFromVolume(volume)
+    np.testing.assert_array_equal(array, makeCT()[::-1])  # index by index: k reversed
+
+    node = logic.segment(volume, cystSegment=False)
+    kidney = segmentArray(node, "Kidney", volume)
+    out = tmp_path / "result.seg.nrrd"
+    batch.writeSegmentation(node, str(out))
+    saved = sitk.ReadImage(str(out))
+    expected = np.isin(makeCT(), (KIDNEY_HU, CYST_HU))
+    assert not np.array_equal(kidney > 0, expected)  # an index-by-index comparison would call this wrong
+    np.testing.assert_array_equal(onGrid(saved, reference) == 1, expected)  # physically it is right
+    np.testing.assert_array_equal(onGrid(saved, reference) == 2, makeCT() == TUMOR_HU)
+
+
+def test_library_refusal_as_not_ct_asks_then_retries_with_force(logic, scene, monkeypatch):
+    """The library's structured error (JSON progress stream) gets the same question as the
+    panel's own check, then a run with --force."""
+    monkeypatch.setenv("FAKE_KTS_BEHAVIOUR", "notct")
+    volume = addCT()
+    widget = makeWidget(logic)
+    widget.ui.inputVolumeSelector.setCurrentNode(volume)
+    assert widget.ui.applyButton.enabled  # the in-process check finds it CT-like
+    shim.state.answers = [True]
+    runWidget(widget)
+    assert shim.state.dialogs[-1][0] == "confirmYesNo" and "Segment anyway?" in shim.state.dialogs[-1][1]
+    assert "not CT-like" in shim.state.dialogs[-1][1]
+    waitFor(lambda: widget._run.finished)
+    assert widget._run.state == "succeeded" and widget._run.options["force"]
+    assert "--force" in json.loads((scene.record / "argv.json").read_text(encoding="utf-8"))
+    assert not any("{" in line for line in widget._run.logLines if '"error"' in line)  # not shown as log text
+    widget.cleanup()
+
+    shim.state.answers = [False]
+    widget = makeWidget(logic)
+    widget.ui.inputVolumeSelector.setCurrentNode(volume)
+    widget.ui.outputSegmentationSelector.setCurrentNode(None)
+    runWidget(widget)
+    assert widget._run.state == "failed" and "does not look like a CT" in widget.ui.statusLabel.text
+    widget.cleanup()
+
+
+def test_update_measurements_after_editing_uses_the_librarys_code(logic, scene, tmp_path):
+    measurements = pytest.importorskip("KidneyTumorSegLib.measurements")
+    volume = addCT()
+    widget = makeWidget(logic)
+    widget.ui.inputVolumeSelector.setCurrentNode(volume)
+    runWidget(widget)
+    ui = widget.ui
+    node = ui.outputSegmentationSelector.currentNode()
+    assert ui.updateMeasurementsButton.enabled and ui.exportCsvButton.enabled
+
+    # The radiologist's corrections (what the Segment Editor leaves): a second tumor painted in
+    # the left kidney, the cyst erased.
+    ct = makeCT()
+    tumor = (ct == TUMOR_HU).astype(np.uint8)
+    tumor[4:7, 6:9, 13:16] = 1
+    segmentation = node.GetSegmentation()
+    slicer.util.updateSegmentBinaryLabelmapFromArray(tumor, node, segmentation.GetSegmentIdBySegmentName("Tumor"), volume)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(np.zeros_like(tumor), node,
+                                                     segmentation.GetSegmentIdBySegmentName("Cyst"), volume)
+    ui.updateMeasurementsButton.click()
+
+    expectedLabels = np.zeros(ct.shape, np.uint8)
+    expectedLabels[ct == KIDNEY_HU] = 1
+    expectedLabels[tumor > 0] = 2
+    expected = measurements.measure(segments.labelImageLPS(expectedLabels, volume))
+    stats = json.loads(widget._parameterNode.GetParameter("Results"))
+    assert stats["tumors"]["count"] == 2 == expected["tumors"]["count"]
+    assert stats["tumors"]["total_volume_ml"] == pytest.approx(expected["tumors"]["total_volume_ml"])
+    assert stats["tumors"]["largest_diameter_mm"] == pytest.approx(expected["tumors"]["largest_diameter_mm"])
+    assert stats["cysts"]["count"] == 0
+    assert [k["side"] for k in stats["kidneys"]] == [k["side"] for k in expected["kidneys"]]
+    assert len(stats["kidneys"]) == 2
+    rows = results.tableRows(stats)
+    assert ui.resultsTable.rowCount == len(rows) and ui.resultsTable.item(len(rows) - 2, 2).text().startswith("2 found")
+    table = widget._parameterNode.GetNodeReference("ResultTable")
+    assert table.GetNumberOfRows() == len(rows)
+    assert [table.GetCellText(r, 0) for r in range(len(rows))] == [row[0] for row in rows]
+    assert json.loads(node.GetAttribute("KidneyTumorSeg.Stats")) == stats
+    assert "Measured the current segments" in ui.statusLabel.text
+
+    csvPath = tmp_path / "export.csv"
+    qt._fileDialogAnswers.append(str(csvPath))
+    ui.exportCsvButton.click()
+    lines = csvPath.read_text(encoding="utf-8").splitlines()
+    assert lines[0].split(",") == list(results.CSV_COLUMNS)
+    row = dict(zip(results.CSV_COLUMNS, lines[1].split(",")))
+    assert (row["case"], row["status"], row["tumor_count"], row["cyst_count"]) == ("Abdomen CT", "ok", "2", "0")
+    widget.cleanup()
+
+
+def test_phantom_warning_comes_from_the_manifest_provenance(logic, scene):
+    widget = makeWidget(logic)
+    combo, label = widget.ui.modelComboBox, widget.ui.modelDescriptionLabel
+    combo.setCurrentIndex(combo.findData("fake-phantom"))
+    assert "synthetic phantoms only" in label.text  # provenance.data.phantoms: true
+    combo.setCurrentIndex(combo.findData("nocyst"))  # "phantom" in its texts, trained on KiTS19
+    assert "phantom" in label.text and "synthetic phantoms only" not in label.text
+    combo.setCurrentIndex(combo.findData("undeclared"))
+    assert "does not say what data" in label.text
+    widget.cleanup()
+
+
+def test_qt_stand_in_offers_only_what_real_qt_has():
+    """Every signal, property and public method of the qt stand-in exists on the real Qt 5 class
+    (PyQt5's meta-objects); the CTK/qMRML stand-ins are checked against their headers' lists."""
+    QtCore = pytest.importorskip("PyQt5.QtCore")
+    QtWidgets = pytest.importorskip("PyQt5.QtWidgets")
+
+    def metaNames(realClass):
+        meta = realClass.staticMetaObject
+        signals = set()
+        for i in range(meta.methodCount()):
+            method = meta.method(i)
+            if method.methodType() == QtCore.QMetaMethod.Signal:
+                signals.add(bytes(method.methodSignature()).decode().replace("const QString&", "QString"))
+        return signals, {meta.property(i).name() for i in range(meta.propertyCount())}
+
+    pythonQtOnly = {"connect", "className", "name"}  # PythonQt's QObject API (PyQt spells these differently)
+    checked = 0
+    for name in dir(qt):
+        standIn = getattr(qt, name)
+        if not (isinstance(standIn, type) and issubclass(standIn, qt.QObject)):
+            continue
+        real = getattr(QtWidgets, name, None) or getattr(QtCore, name)
+        signals, properties = metaNames(real)
+        assert standIn._all("SIGNALS") <= signals, (name, standIn._all("SIGNALS") - signals)
+        assert standIn._all("PROPERTIES") <= properties, (name, standIn._all("PROPERTIES") - properties)
+        for klass in standIn.__mro__:
+            for attribute in vars(klass):
+                if attribute.startswith("_") or attribute.isupper() or attribute in pythonQtOnly:
+                    continue
+                assert hasattr(real, attribute) or attribute in properties, f"{name}.{attribute} is not Qt's"
+        checked += 1
+    assert checked >= 10
+    for name in ("QTableWidgetItem", "QMessageBox", "QAbstractItemView", "QIcon", "Qt"):
+        if hasattr(qt, name):
+            real = getattr(QtWidgets, name, None) or getattr(QtCore, name, None) or getattr(__import__("PyQt5.QtGui").QtGui, name)
+            for attribute in vars(getattr(qt, name)):
+                if not attribute.startswith("_"):
+                    assert hasattr(real, attribute), f"qt.{name}.{attribute} is not Qt's"
+
+    # No PyQt for CTK and qMRML: their stand-ins against the Q_PROPERTY / signals lists of
+    # CTK's Libs/Widgets/ctkCollapsibleButton.h and Slicer's Libs/MRML/Widgets/qMRMLNodeComboBox.h.
+    abstractButtonSignals, abstractButtonProperties = metaNames(QtWidgets.QAbstractButton)
+    headers = {
+        ctk.ctkCollapsibleButton: ({"contentsCollapsed(bool)"} | abstractButtonSignals,
+                                   {"collapsed", "collapsedHeight", "contentsFrameShape", "contentsFrameShadow",
+                                    "contentsLineWidth", "contentsMidLineWidth", "buttonTextAlignment",
+                                    "indicatorAlignment"} | abstractButtonProperties),
+        shim.qMRMLNodeComboBox: ({"currentNodeChanged(vtkMRMLNode*)", "currentNodeIDChanged(QString)",
+                                  "nodeActivated(vtkMRMLNode*)", "currentNodeChanged(bool)", "nodeAdded(vtkMRMLNode*)",
+                                  "nodeAddedByUser(vtkMRMLNode*)", "nodeAddedByUserAction(vtkMRMLNode*)",
+                                  "nodeAboutToBeRemoved(vtkMRMLNode*)"} | metaNames(QtWidgets.QWidget)[0],
+                                 {"currentNodeID", "currentNodeId", "nodeTypes", "showHidden", "showChildNodeTypes",
+                                  "hideChildNodeTypes", "baseName", "noneEnabled", "addEnabled", "removeEnabled",
+                                  "editEnabled", "renameEnabled", "interactionNodeSingletonTag",
+                                  "selectNodeUponCreation", "noneDisplay", "sizeAdjustPolicy"}
+                                 | metaNames(QtWidgets.QWidget)[1]),
+    }
+    for standIn, (signals, properties) in headers.items():
+        assert standIn._all("SIGNALS") <= signals, (standIn, standIn._all("SIGNALS") - signals)
+        assert standIn._all("PROPERTIES") <= properties, (standIn, standIn._all("PROPERTIES") - properties)
+
+
+# --------------------------------------------------------------------------------------------
 # Batch mode
 # --------------------------------------------------------------------------------------------
+
+def isLeftHanded(image):
+    return np.linalg.det(np.array(image.GetDirection()).reshape(3, 3)) < 0
+
+
+def onGrid(image, reference):
+    """``image`` resampled (nearest neighbour) onto ``reference``'s voxel grid, as an array: the
+    comparison in physical space (index-by-index comparison breaks on a flipped grid)."""
+    return sitk.GetArrayFromImage(sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+
 
 def writeNifti(path, array, ijkToRas):
     flip = np.diag([-1.0, -1.0, 1.0])
@@ -885,11 +1227,12 @@ def test_batch_mode_segments_a_folder(logic, scene, tmp_path):
 
     saved = sitk.ReadImage(str(outputs / "case_a.seg.nrrd"))
     assert saved.GetSize() == reference.GetSize()
-    assert saved.GetOrigin() == pytest.approx(reference.GetOrigin())
-    assert saved.GetDirection() == pytest.approx(reference.GetDirection())
+    # The input is left-handed (obliqueIjkToRas flips an axis): Slicer >= 5.8 loads it with k
+    # reversed, so the segmentation's grid is the same voxels in right-handed order.
+    assert isLeftHanded(reference) and not isLeftHanded(saved)
     assert [saved.GetMetaData(f"Segment{i}_Name") for i in range(2)] == ["Kidney", "Tumor"]
     assert terminology.KIDNEY_SEGMENT.terminology in saved.GetMetaData("Segment0_Tags")
-    labels = sitk.GetArrayFromImage(saved)
+    labels = onGrid(saved, reference)  # compared in physical space
     np.testing.assert_array_equal(labels == 1, np.isin(makeCT(), (KIDNEY_HU, CYST_HU)))
     # Every case's nodes were removed again.
     assert slicer.util.getNodesByClass("vtkMRMLVolumeNode") == []
@@ -970,7 +1313,12 @@ ALLOWED_NAMESPACE_NAMES = {
     "slicer.util.loadLabelVolume", "slicer.util.saveNode", "slicer.util.VTKObservationMixin",
     "slicer.vtkMRMLVolumeArchetypeStorageNode", "slicer.vtkMRMLSubjectHierarchyNode",
     "slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode", "slicer.ScriptedLoadableModule",
-    "qt.QTimer", "qt.QTableWidgetItem", "vtk.vtkMatrix4x4", "vtk.vtkCommand.ModifiedEvent", "vtk.reference",
+    "qt.QTimer", "qt.QTableWidgetItem", "qt.QFileDialog.getSaveFileName",
+    "vtk.vtkMatrix4x4", "vtk.vtkCommand.ModifiedEvent", "vtk.reference", "vtk.vtkStringArray", "vtk.vtkTable",
+    "slicer.util.updateVolumeFromArray", "slicer.vtkMRMLScene", "slicer.vtkMRMLSegmentationStorageNode",
+    "slicer.vtkSlicerSegmentationsModuleLogic",
+    # named as strings (getattr(slicer, name)) in batch.py
+    "slicer.vtkSlicerColorLogic", "slicer.vtkSlicerVolumesLogic", "slicer.vtkSlicerApplicationLogic",
 }
 
 #: CamelCase (MRML/VTK/segmentation-core) methods called on objects, each present in Slicer 5.6+
@@ -990,8 +1338,15 @@ ALLOWED_METHODS = {
     "SetNameAutoGenerated", "SetColorAutoGenerated", "SetFileName", "UseCompressionOff", "WriteData",
     "GetItemByDataNode", "GetItemParent", "SetItemParent", "GetSelectionNode", "GetActiveVolumeID",
     "GetElement", "SetSpacing", "SetOrigin", "AddObserver",
+    "GetMTime", "GetPointData", "GetScalars", "SetHideFromEditors", "SetIJKToRASMatrix", "CreateItem",
+    "ImportLabelmapToSegmentationNode", "ExportSegmentsToLabelmapNode", "AddArchetypeVolume", "SetMRMLScene",
+    "AddColumn", "SetAndObserveTable", "InsertNextValue", "SetModuleLogic",
+    "SetMRMLApplicationLogic",
     # SimpleITK.Image (ITK names)
-    "ReadImage", "GetArrayFromImage", "GetSize", "GetSpacing", "GetOrigin", "GetDirection",
+    "ReadImage", "GetArrayFromImage", "GetImageFromArray", "GetSize", "GetSpacing", "GetOrigin", "GetDirection",
+    "SetDirection",
+    # KidneyTumorSegLib.errors (the library's own exception, imported in-process)
+    "InputError",
     # PyTorch Utils extension (PyTorchUtils.py)
     "PyTorchUtilsLogic",
     # DICOMLib.DICOMUtils
@@ -1028,6 +1383,42 @@ def test_module_uses_only_real_slicer_qt_and_vtk_names():
                 if node.attr not in ALLOWED_METHODS:
                     unknown.add(f"{path.name}: .{node.attr}")
     assert not unknown, sorted(unknown)
+
+
+#: Real classes the allowed methods are looked up on (slicer-core and VTK wheels, SimpleITK).
+def _realClasses():
+    names = ("vtkMRMLScene", "vtkMRMLScalarVolumeNode", "vtkMRMLLabelMapVolumeNode", "vtkMRMLSegmentationNode",
+             "vtkSegmentation", "vtkSegment", "vtkMRMLSegmentationDisplayNode", "vtkMRMLVolumeArchetypeStorageNode",
+             "vtkMRMLSegmentationStorageNode", "vtkMRMLSubjectHierarchyNode", "vtkMRMLSelectionNode",
+             "vtkSlicerApplicationLogic", "vtkMRMLScriptedModuleNode", "vtkMRMLTableNode",
+             "vtkSlicerSegmentationsModuleLogic", "vtkSlicerVolumesLogic")
+    return [getattr(slicer, n) for n in names] + [vtk.vtkImageData, vtk.vtkMatrix4x4, vtk.vtkStringArray, vtk.vtkTable,
+                                                  vtk.vtkPointData, sitk.Image, sitk]
+
+
+#: Allowed names that no wheel here can confirm: Slicer application / extension modules, the library.
+NOT_IN_WHEELS = {"PyTorchUtilsLogic", "TemporaryDICOMDatabase", "InputError"}
+
+
+def test_allowed_names_exist_in_real_slicer_core():
+    """The allow-lists above are checked against the real classes (slicer-core 5.13; the
+    names were also read in Slicer 5.6's sources): an invented MRML name fails here."""
+    classes = _realClasses()
+    missing = sorted(name for name in ALLOWED_METHODS - NOT_IN_WHEELS
+                     if not any(hasattr(cls, name) for cls in classes))
+    assert not missing, missing
+    for chain in sorted(ALLOWED_NAMESPACE_NAMES):
+        parts = chain.split(".")
+        if parts[0] == "slicer" and parts[1].startswith("vtk"):
+            assert hasattr(slicer, parts[1]), chain
+            if len(parts) > 2:
+                assert hasattr(getattr(slicer, parts[1]), parts[2]), chain
+        elif parts[:2] == ["slicer", "util"]:
+            assert parts[2] in shim.REAL_UTIL_NAMES, chain
+        elif parts[:2] == ["slicer", "mrmlScene"] and len(parts) > 2:
+            assert hasattr(slicer.vtkMRMLScene, parts[2]), chain
+        elif parts[0] == "vtk":
+            assert hasattr(vtk, parts[1]), chain
 
 
 def test_helpers_without_slicer_imports_stay_plain_python():
@@ -1094,8 +1485,7 @@ def test_the_stand_in_rejects_names_slicer_does_not_have(scene):
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     with pytest.raises(AttributeError):
         segmentation.GetSegmentation().SetSegmentColor  # segments have SetColor, the segmentation nothing like it
-    with pytest.raises(AttributeError):
-        slicer.mrmlScene.AddNewNodeByClass("vtkMRMLKidneyNode")
+    assert slicer.mrmlScene.AddNewNodeByClass("vtkMRMLKidneyNode") is None  # real MRML: None and an error
     combo = slicer.qMRMLNodeComboBox()
     combo.nodeTypes = ["vtkMRMLScalarVolumeNode"]
     combo.showChildNodeTypes = False
@@ -1115,10 +1505,71 @@ def test_closing_the_scene_during_a_run_cancels_it(logic, scene, monkeypatch):
     waitFor(lambda: pidsFile.exists())
     pids = json.loads(pidsFile.read_text(encoding="utf-8"))
     run = widget._run
-    slicer.mrmlScene.Clear()
+    slicer.mrmlScene.Clear(0)
     assert run.state == "cancelled"
     waitFor(lambda: not any(pidAlive(pid) for pid in pids), timeout=5.0)
     assert slicer.util.getNodesByClass("vtkMRMLSegmentationNode") == []
     assert widget._parameterNode is not None and widget.ui.inputVolumeSelector.currentNode() is None
     assert not widget.ui.applyButton.enabled
     widget.cleanup()
+
+
+# --------------------------------------------------------------------------------------------
+# The real library: the module's self-test, and batch mode under plain Python
+# --------------------------------------------------------------------------------------------
+
+SAMPLE_CT = REPO / "KidneyTumorSegLib" / "data" / "sample_ct.nii.gz"
+
+
+@pytest.mark.slow
+def test_self_test_and_plain_python_batch_mode_on_the_bundled_sample(scene, tmp_path):
+    """``KidneyTumorSegTest`` (what Slicer's Reload & Test and ``ctest -R py_KidneyTumorSeg`` run)
+    segments the bundled sample through the real library process on real MRML; then
+    ``batch_segment.py`` under plain Python (slicer-core, no Slicer application) on two cases,
+    one failing on purpose, writes the same segments and measurements."""
+    pytest.importorskip("torch")
+    if not SAMPLE_CT.is_file():
+        pytest.skip("the bundled sample CT is missing")
+    inputs, outputs = tmp_path / "cases", tmp_path / "results"
+    inputs.mkdir()
+    (inputs / "case_148.nii.gz").write_bytes(SAMPLE_CT.read_bytes())
+    sample = sitk.ReadImage(str(SAMPLE_CT))
+    notCT = sitk.Cast(sample, sitk.sitkInt16) + 1100  # no air, no fat: the library's rule refuses it
+    sitk.WriteImage(notCT, str(inputs / "mr_like.nii.gz"))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST")}
+    env["PYTHONPATH"] = str(REPO)  # the library; not the test stand-in: this is plain Python
+    # Batch mode runs in the background while the self-test runs here (halves the wall time).
+    batchRun = subprocess.Popen([sys.executable, str(MODULE_DIR / "Scripts" / "batch_segment.py"), "--input",
+                                 str(inputs), "--output", str(outputs), "--device", "cpu"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        test = KidneyTumorSeg.KidneyTumorSegTest()
+        test.runTest()
+        segmentationNode, volumeNode, stats = test.segmentationNode, test.volumeNode, test.stats
+        assert slicer.mrmlScene.IsNodePresent(segmentationNode)
+        inApplication = tmp_path / "in_application.seg.nrrd"
+        batch.writeSegmentation(segmentationNode, str(inApplication))
+        output, _ = batchRun.communicate(timeout=300)
+    finally:
+        if batchRun.poll() is None:
+            batchRun.kill()
+            batchRun.wait()
+    assert batchRun.returncode == 1, output  # one case failed on purpose
+    rows = {row["case"]: row for row in csv.DictReader((outputs / "measurements.csv").open(encoding="utf-8"))}
+    assert rows["mr_like"]["status"] == "failed" and "not CT-like" in rows["mr_like"]["message"]
+    assert not (outputs / "mr_like.seg.nrrd").exists()
+    ok = rows["case_148"]
+    assert ok["status"] == "ok" and ok["segmentation_file"] == "case_148.seg.nrrd"
+    expected = results.csvRow("case_148", "ok", stats=stats, segmentationFile="case_148.seg.nrrd")
+    assert {k: v for k, v in ok.items() if k != "seconds"} == {k: v for k, v in expected.items() if k != "seconds"}
+
+    written = sitk.ReadImage(str(outputs / "case_148.seg.nrrd"))
+    reference = sitk.ReadImage(str(inApplication))
+    for image in (written, reference):
+        assert [image.GetMetaData(f"Segment{i}_Name") for i in range(3)] == ["Kidney", "Tumor", "Cyst"]
+    for i, spec in enumerate(terminology.ALL_SEGMENTS):
+        assert f"TerminologyEntry:{spec.terminology}|" in written.GetMetaData(f"Segment{i}_Tags")
+        assert written.GetMetaData(f"Segment{i}_Color") == reference.GetMetaData(f"Segment{i}_Color")
+    np.testing.assert_array_equal(onGrid(written, sample), onGrid(reference, sample))
+    assert written.GetOrigin() == pytest.approx(sample.GetOrigin())
+    assert written.GetDirection() == pytest.approx(sample.GetDirection())

@@ -147,7 +147,8 @@ def test_synthesis_cache_trains_and_exports_a_loadable_model(tmp_path):
     assert record["phantoms"] is True and record["synthetic"]["kind"] == "synthseg_tissue_maps"
     assert main(["--quiet", "export", "--run", str(run), "--out", str(tmp_path / "pkg")]) == 0
     package = load_package(str(tmp_path / "pkg"))
-    ct = sitk.Cast(sitk.GetImageFromArray(np.full((24, 32, 32), 40, np.int16)), sitk.sitkInt16)
+    # CT-like (air and tissue): Segmenter.segment validates its input and refuses a constant image
+    ct = sitk.GetImageFromArray(np.where(np.random.default_rng(0).random((24, 32, 32)) < 0.3, -1000, 40).astype(np.int16))
     ct.SetSpacing((4.0, 4.0, 5.0))
     result = Segmenter(package, device="cpu").segment(ct)
     assert result.labels.GetSize() == ct.GetSize()

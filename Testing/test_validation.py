@@ -129,6 +129,12 @@ def test_mr_like_refused_and_force_warns(caplog):
     image = image_of(_mr_like())
     msg = refused(image, "not CT-like")
     assert "0.5th percentile" in msg and "99.5th percentile" in msg and "--force" in msg
+    from KidneyTumorSegLib.errors import NotCTLikeError
+    with pytest.raises(NotCTLikeError):  # the one refusal --force overrules has its own kind
+        validate_ct_image(image)
+    with pytest.raises(InputError) as other:
+        validate_ct_image(image_of(np.full((8, 9, 10), -1000, np.int16)))
+    assert not isinstance(other.value, NotCTLikeError)
     with caplog.at_level(logging.WARNING, logger="KidneyTumorSegLib.validation"):
         validate_ct_image(image, force=True)
     assert len(caplog.records) == 1 and "not CT-like" in caplog.records[0].getMessage()
@@ -194,22 +200,23 @@ def test_validation_does_not_copy_the_volume(monkeypatch):
 
 
 def test_estimate_memory_bytes_model():
+    extra = validation.EXTRA_BYTES_PER_VOXEL
     image = sitk.Image((10, 20, 30), sitk.sitkInt16)
-    assert estimate_memory_bytes(image) == 6000 * (2 + 1 + 2) + 600 * 10**6
+    assert estimate_memory_bytes(image) == 6000 * (2 + extra) + 600 * 10**6
     image = sitk.Image((512, 512, 600), sitk.sitkFloat32)
-    assert estimate_memory_bytes(image) == 512 * 512 * 600 * 7 + 600 * 10**6
+    assert estimate_memory_bytes(image) == 512 * 512 * 600 * (4 + extra) + 600 * 10**6
 
 
 def test_check_memory_with_given_available():
     image = sitk.Image((512, 512, 600), sitk.sitkInt16)  # input 0.31 GB already loaded
-    needed = 512 * 512 * 600 * 3 + 600 * 10**6  # 1.07 GB still to come
+    needed = 512 * 512 * 600 * validation.EXTRA_BYTES_PER_VOXEL + 600 * 10**6  # 10.7 GB still to come
     check_memory(image, available=needed)
     with pytest.raises(InsufficientMemoryError) as err:
         check_memory(image, available=needed - 1)
     msg = str(err.value)
     assert msg == (
         "Not enough memory for the 512x512x600 16-bit signed integer volume: segmenting it needs about "
-        "1.1 GB more than the 0.3 GB the loaded image takes, 1.1 GB available"
+        "10.7 GB more than the 0.3 GB the loaded image takes, 10.7 GB available"
     )
     with pytest.raises(InsufficientMemoryError, match="0.5 GB available"):
         check_memory(image, available=500 * 10**6)

@@ -1,18 +1,25 @@
-"""Batch mode: segment every CT in a folder with the module's logic (run inside Slicer).
+"""Batch mode: segment every CT in a folder with the module's logic.
 
 ``Scripts/batch_segment.py`` calls :func:`main` under
-``Slicer --no-splash --no-main-window --python-script``. Each NIfTI/NRRD/MetaImage file in the
-input folder is one case, and so is each sub-folder holding a DICOM series. Every case gets
-``<case>.seg.nrrd`` in the output folder, and ``measurements.csv`` gets one row per case
-(``status`` ok/failed with the reason). The exit code is 1 if any case failed.
+``Slicer --no-splash --no-main-window --python-script``, or under plain Python with the
+``slicer-core`` wheel installed (``python batch_segment.py ...``: no Slicer application, so
+:func:`prepareScene` sets up a scene with the Segmentations and Volumes logics). Both read
+volumes with the Volumes logic's archetype reader and write segmentations with a
+``vtkMRMLSegmentationStorageNode``, so they write the same files. Each NIfTI/NRRD/MetaImage
+file in the input folder is one case, and so is each sub-folder holding a DICOM series (DICOM
+needs the Slicer application). Every case gets ``<case>.seg.nrrd`` in the output folder, and
+``measurements.csv`` gets one row per case (``status`` ok/failed with the reason). With
+``--dicom-seg`` each DICOM case also gets ``<case>.dcm``, a DICOM SEG written by the library's
+own command line (the same code as ``kidney-tumor-seg segment FOLDER -o case.dcm``). The exit
+code is 1 if any case failed.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -25,6 +32,8 @@ from .logic import KidneyTumorSegLogic, SegmentationError
 logger = logging.getLogger(__name__)
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: seconds one DICOM SEG run of the library may take
+DICOM_SEG_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -70,10 +79,66 @@ def discoverCases(inputDir: str) -> List[Case]:
     return cases
 
 
+def hasApplication() -> bool:
+    """True inside Slicer (``slicer.app``); False in plain Python with slicer-core."""
+    return hasattr(slicer, "app")
+
+
+_logics: list = []
+
+
+def prepareScene() -> None:
+    """Without the Slicer application: a fresh ``slicer.mrmlScene`` with the module logics
+    Slicer would have set on it (Colors for the default color tables, Segmentations for the
+    segment representations, Volumes for reading)."""
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    _logics.clear()
+    applicationLogic = slicer.vtkSlicerApplicationLogic()
+    applicationLogic.SetMRMLScene(scene)
+    _logics.append(applicationLogic)
+    for moduleName, className in (("Colors", "vtkSlicerColorLogic"), ("Segmentations", "vtkSlicerSegmentationsModuleLogic"),
+                                  ("Volumes", "vtkSlicerVolumesLogic")):
+        logic = getattr(slicer, className)()
+        logic.SetMRMLApplicationLogic(applicationLogic)
+        logic.SetMRMLScene(scene)
+        applicationLogic.SetModuleLogic(moduleName, logic)  # the Volumes logic finds Colors here
+        _logics.append(logic)
+
+
+def _volumesLogic():
+    modules = getattr(slicer, "modules", None)
+    if modules is not None and hasattr(modules, "volumes"):
+        return modules.volumes.logic()
+    for logic in _logics:
+        if logic.IsA("vtkSlicerVolumesLogic"):
+            return logic
+    raise RuntimeError("no Volumes module logic: call prepareScene() first")
+
+
+def readVolume(path: str, name: str):
+    """A scalar volume node read from ``path`` as Slicer's Add Data does (the Volumes logic's
+    archetype reader: LPS to RAS, left-handed files made right-handed as in Slicer >= 5.8)."""
+    node = _volumesLogic().AddArchetypeVolume(path, name, 0)
+    if node is None:
+        raise RuntimeError(f"Failed to load volume from {path}")
+    return node
+
+
+def writeSegmentation(segmentationNode, path: str) -> None:
+    """Write ``<case>.seg.nrrd`` (segments with names, colours, terminology, on the CT's grid)."""
+    storageNode = slicer.vtkMRMLSegmentationStorageNode()
+    storageNode.SetFileName(path)
+    if not storageNode.WriteData(segmentationNode):
+        raise SegmentationError(f"could not write {path}")
+
+
 def loadCase(case: Case) -> list:
     """Scalar volume nodes of a case (a DICOM folder may hold several series)."""
     if case.kind == "file":
-        return [slicer.util.loadVolume(case.path)]
+        return [readVolume(case.path, case.name)]
+    if not hasApplication():
+        raise RuntimeError("DICOM folders need the Slicer application (run with Slicer --python-script)")
     from DICOMLib import DICOMUtils
 
     nodeIds = []
@@ -90,20 +155,45 @@ def loadCase(case: Case) -> list:
     return volumes
 
 
-def writeCsv(path: str, rows: Sequence[dict]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(results.CSV_COLUMNS))
-        writer.writeheader()
-        writer.writerows(rows)
+writeCsv = results.writeCsv
+
+
+def writeDicomSeg(logic: KidneyTumorSegLogic, case: Case, outputDir: str, options: dict,
+                  log: Callable[[str], None] = logger.info) -> Optional[dict]:
+    """``<case>.dcm``, the DICOM SEG of a DICOM case (its largest series), written by the library's
+    command line; returns a failed CSV row, or None when it was written."""
+    outputPath = os.path.join(outputDir, f"{case.name}.dcm")
+    root = logic.libraryRoot()
+    with tempfile.TemporaryDirectory(prefix="KidneyTumorSeg-dicomseg-") as tmp:
+        args = process.buildSegmentCommand(logic.pythonExecutable(), case.path, outputPath, os.path.join(tmp, "stats.json"),
+                                           model=options.get("model"), device=options.get("device", "auto"),
+                                           tta=options.get("tta", False), force=options.get("force", False))
+        try:
+            code, lines = process.runToCompletion(logic.runner, args, process.buildEnvironment(root), cwd=root,
+                                                  timeoutSeconds=DICOM_SEG_TIMEOUT_S)
+        except (TimeoutError, OSError) as exc:
+            code, lines = -1, [str(exc)]
+    if code != 0:
+        reason = process.failureMessage(lines, code)
+        log(f"  failed: DICOM SEG: {reason}")
+        return results.csvRow(f"{case.name} (DICOM SEG)", "failed", f"DICOM SEG: {reason}")
+    log(f"  DICOM SEG: {outputPath}")
+    return None
 
 
 def runBatch(logic: KidneyTumorSegLogic, cases: Sequence[Case], outputDir: str, options: dict,
-             load: Callable[[Case], list] = loadCase, log: Callable[[str], None] = logger.info) -> List[dict]:
-    """Segment every case; returns the CSV rows (one per volume, or one per case that failed to load)."""
+             load: Callable[[Case], list] = loadCase, log: Callable[[str], None] = logger.info,
+             dicomSeg: bool = False) -> List[dict]:
+    """Segment every case; returns the CSV rows (one per volume, or one per case that failed to load;
+    with ``dicomSeg`` also one per DICOM case whose DICOM SEG failed)."""
     os.makedirs(outputDir, exist_ok=True)
     rows = []
     for index, case in enumerate(cases, start=1):
         log(f"[{index}/{len(cases)}] {case.name}")
+        if dicomSeg and case.kind == "dicom":
+            failed = writeDicomSeg(logic, case, outputDir, options, log)
+            if failed is not None:
+                rows.append(failed)
         try:
             volumes = load(case)
             if not volumes:
@@ -119,8 +209,7 @@ def runBatch(logic: KidneyTumorSegLogic, cases: Sequence[Case], outputDir: str, 
             try:
                 segmentation = logic.segment(volume, createSurfaces=False, **options)
                 outputPath = os.path.join(outputDir, f"{name}.seg.nrrd")
-                if not slicer.util.saveNode(segmentation, outputPath):
-                    raise SegmentationError(f"could not write {outputPath}")
+                writeSegmentation(segmentation, outputPath)
                 stats = logic.lastRun.stats if logic.lastRun is not None else {}
                 rows.append(results.csvRow(name, "ok", stats=stats, seconds=time.monotonic() - start,
                                            segmentationFile=os.path.basename(outputPath)))
@@ -133,6 +222,8 @@ def runBatch(logic: KidneyTumorSegLogic, cases: Sequence[Case], outputDir: str, 
                     if segmentation.GetDisplayNode() is not None:
                         slicer.mrmlScene.RemoveNode(segmentation.GetDisplayNode())
                     slicer.mrmlScene.RemoveNode(segmentation)
+                if volume.GetDisplayNode() is not None:
+                    slicer.mrmlScene.RemoveNode(volume.GetDisplayNode())
                 slicer.mrmlScene.RemoveNode(volume)
     return rows
 
@@ -142,7 +233,8 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         prog="batch_segment.py",
         description="Segment kidneys, tumors and cysts in every CT of a folder (NIfTI/NRRD files or DICOM "
                     "series) with 3D Slicer's KidneyTumorSeg module. Run with: Slicer --no-splash "
-                    "--no-main-window --python-script batch_segment.py --input IN --output OUT")
+                    "--no-main-window --python-script batch_segment.py --input IN --output OUT, or with "
+                    "plain Python and the slicer-core package: python batch_segment.py --input IN --output OUT")
     parser.add_argument("--input", required=True, help="folder of CT files and/or DICOM series folders")
     parser.add_argument("--output", required=True, help="folder for <case>.seg.nrrd and measurements.csv")
     parser.add_argument("--model", default=None, help="model name or package folder (default: the bundled default)")
@@ -150,6 +242,8 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (slower)")
     parser.add_argument("--no-cyst-segment", action="store_true", help="keep cysts inside the Kidney segment")
     parser.add_argument("--force", action="store_true", help="segment volumes that do not look like CT in HU")
+    parser.add_argument("--dicom-seg", action="store_true",
+                        help="also write <case>.dcm, a DICOM SEG, for each DICOM case (segmented by the library once more)")
     return parser.parse_args(list(argv))
 
 
@@ -168,10 +262,12 @@ def main(argv: Sequence[str], logic: Optional[KidneyTumorSegLogic] = None,
     if not cases:
         log(f"error: no CT files or DICOM folders in {args.input}")
         return 2
+    if not hasApplication() and logic is None:
+        prepareScene()
     logic = logic or KidneyTumorSegLogic()
     options = dict(model=args.model, device=args.device, tta=args.tta,
                    cystSegment=not args.no_cyst_segment, force=args.force)
-    rows = runBatch(logic, cases, args.output, options, log=log)
+    rows = runBatch(logic, cases, args.output, options, log=log, dicomSeg=args.dicom_seg)
     csvPath = os.path.join(args.output, "measurements.csv")
     writeCsv(csvPath, rows)
     failed = sum(row["status"] != "ok" for row in rows)

@@ -14,12 +14,24 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import slicer
-from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+
+try:
+    from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+except ImportError:  # plain Python with slicer-core (batch mode): no module framework
+    class ScriptedLoadableModuleLogic:  # type: ignore[no-redef]
+        """What the logic needs of Slicer's base class when there is no Slicer application."""
+
+        def __init__(self, parent=None):
+            self.moduleName = type(self).__name__[:-len("Logic")]
+
+        def getParameterNode(self):
+            raise SegmentationError("parameter nodes need the Slicer application")
 
 from . import process, results, segments, terminology
 
@@ -37,10 +49,17 @@ class SegmentationError(RuntimeError):
     """A segmentation did not produce a result. ``outOfMemory``: the process ran out of (GPU)
     memory, so a retry on the CPU may work; ``cancelled``: the user stopped it."""
 
-    def __init__(self, message: str, outOfMemory: bool = False, cancelled: bool = False):
+    def __init__(self, message: str, outOfMemory: bool = False, cancelled: bool = False, kind: str = ""):
         super().__init__(message)
         self.outOfMemory = outOfMemory
         self.cancelled = cancelled
+        #: the library's error kind (its exception class name) when it reported one
+        self.kind = kind
+
+    @property
+    def notCT(self) -> bool:
+        """The library refused the intensities as not CT-like: ``force=True`` would segment it."""
+        return self.kind == process.NOT_CT_KIND
 
 
 class SegmentationRun:
@@ -72,6 +91,7 @@ class SegmentationRun:
         self._handle = None
         self._startTime = 0.0
         self._errorLine = ""
+        self._errorKind = ""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -123,7 +143,8 @@ class SegmentationRun:
                 self._fail(SegmentationError(f"the result could not be loaded: {exc}"))
         else:
             message = self._errorLine or process.failureMessage(self.logLines, exitCode)
-            self._fail(SegmentationError(message, outOfMemory=process.isOutOfMemoryMessage(message)))
+            self._fail(SegmentationError(message, outOfMemory=process.isOutOfMemoryMessage(message),
+                                         kind=self._errorKind))
         self._finish()
         return True
 
@@ -150,6 +171,9 @@ class SegmentationRun:
             return
         if isinstance(parsed, process.ErrorLine):
             self._errorLine = parsed.message
+            if parsed.kind:  # the structured twin of the "error:" line that follows
+                self._errorKind = parsed.kind
+                return
         self.logLines.append(line)
         del self.logLines[:-500]
         if self.onLog:
@@ -275,6 +299,7 @@ class KidneyTumorSegLogic(ScriptedLoadableModuleLogic):
         self.activeRun: Optional[SegmentationRun] = None
         self.lastRun: Optional[SegmentationRun] = None
         self.findSpec = importlib.util.find_spec
+        self._ctChecks: dict = {}
 
     # -- parameters --------------------------------------------------------------------
 
@@ -288,7 +313,11 @@ class KidneyTumorSegLogic(ScriptedLoadableModuleLogic):
     # -- environment -------------------------------------------------------------------
 
     def pythonExecutable(self) -> str:
-        python = self._python or process.findPythonSlicer(slicer.app.slicerHome)
+        if self._python:
+            return self._python
+        if not hasattr(slicer, "app"):  # plain Python with slicer-core: the library runs in this interpreter
+            return sys.executable
+        python = process.findPythonSlicer(slicer.app.slicerHome)
         if not python:
             raise SegmentationError("PythonSlicer, Slicer's Python interpreter, was not found in Slicer's bin folder")
         return python
@@ -302,7 +331,7 @@ class KidneyTumorSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def temporaryRoot() -> str:
-        return slicer.app.temporaryPath
+        return slicer.app.temporaryPath if hasattr(slicer, "app") else tempfile.gettempdir()
 
     # -- dependencies ------------------------------------------------------------------
 
@@ -424,7 +453,9 @@ class KidneyTumorSegLogic(ScriptedLoadableModuleLogic):
         :meth:`intensityProblem` for the CT check the user may overrule)."""
         if volumeNode is None:
             return "Select an input CT volume."
-        if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+        # Vector (RGB) volumes are vtkMRMLScalarVolumeNode subclasses too.
+        if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.IsA("vtkMRMLLabelMapVolumeNode") \
+                or volumeNode.IsA("vtkMRMLVectorVolumeNode"):
             return f"'{volumeNode.GetName()}' is not a scalar (grey-level) volume."
         imageData = volumeNode.GetImageData()
         if imageData is None:
@@ -432,15 +463,55 @@ class KidneyTumorSegLogic(ScriptedLoadableModuleLogic):
         if imageData.GetNumberOfScalarComponents() != 1:
             return (f"'{volumeNode.GetName()}' has {imageData.GetNumberOfScalarComponents()} components per voxel; "
                     "a CT has one.")
-        dims = imageData.GetDimensions()
-        if min(dims) < 4:
-            return f"'{volumeNode.GetName()}' is not a 3D volume (size {dims[0]} x {dims[1]} x {dims[2]})."
         return ""
 
-    @staticmethod
-    def intensityProblem(volumeNode) -> str:
-        """Why the volume's intensities do not look like CT in HU, or ""."""
-        return results.ctIntensityProblem(volumeNode.GetImageData().GetScalarRange())
+    def libraryModule(self, name: str):
+        """``KidneyTumorSegLib.<name>`` imported in this process (validation, measurements and
+        labels need only numpy and SimpleITK, never torch). In a source checkout the library
+        folder is put on ``sys.path`` (after everything else) first."""
+        moduleName = f"{process.LIBRARY_PACKAGE}.{name}"
+        try:
+            return importlib.import_module(moduleName)
+        except ImportError:
+            root = self.libraryRoot()
+            if root not in sys.path:
+                sys.path.append(root)
+            importlib.invalidate_caches()
+            return importlib.import_module(moduleName)
+
+    def ctCheck(self, volumeNode) -> Tuple[str, str]:
+        """The library's own rule for "is this a CT" (``validation.validate_ct_image``, what the
+        CLI runs before segmenting), applied to the volume's voxels: ``(refusal, notCT)``.
+
+        ``refusal``: why the library would refuse the volume outright (2D, constant, NaN,
+        several components, ...), or "". ``notCT``: why its intensities do not look like CT
+        in HU (the library segments it only with ``--force``), or "". Cached per volume and
+        voxel modification time, so the panel may ask on every change."""
+        problem = self.inputProblem(volumeNode)
+        if problem:
+            return problem, ""
+        key = (volumeNode.GetID(), volumeNode.GetImageData().GetMTime())
+        cached = self._ctChecks.get(key)
+        if cached is not None:
+            return cached
+        import SimpleITK as sitk
+
+        try:
+            validation = self.libraryModule("validation")
+            errors = self.libraryModule("errors")
+        except ImportError as exc:
+            raise SegmentationError(f"KidneyTumorSegLib could not be imported to check the input: {exc}")
+        image = sitk.GetImageFromArray(slicer.util.arrayFromVolume(volumeNode))
+        try:
+            validation.validate_ct_image(image, force=False)
+            result = ("", "")
+        except getattr(errors, "NotCTLikeError", ()) as exc:
+            result = ("", str(exc))
+        except errors.InputError as exc:
+            result = (f"'{volumeNode.GetName()}': {exc}", "")
+        self._ctChecks = {k: v for k, v in self._ctChecks.items() if k[0] != key[0]}
+        self._ctChecks[key] = result
+        return result
 
     @staticmethod
     def segmentsToReplace(segmentationNode) -> List[str]:
@@ -459,9 +530,11 @@ class KidneyTumorSegLogic(ScriptedLoadableModuleLogic):
         ``tta``: test-time augmentation; ``cystSegment``: cysts as their own segment when the
         model predicts them; ``force``: segment even if intensities do not look like CT.
         """
-        problem = self.inputProblem(volumeNode)
-        if problem:
-            raise SegmentationError(problem)
+        refusal, notCT = self.ctCheck(volumeNode)
+        if refusal:
+            raise SegmentationError(refusal)
+        if notCT and not force:
+            raise SegmentationError(notCT, kind=process.NOT_CT_KIND)
         if self.activeRun is not None and not self.activeRun.finished:
             raise SegmentationError("a segmentation is already running; cancel it first")
         options = dict(model=model or None, device=device, tta=tta, cystSegment=cystSegment, force=force,
@@ -488,7 +561,8 @@ class KidneyTumorSegLogic(ScriptedLoadableModuleLogic):
             if deadline is not None and time.monotonic() > deadline:
                 run.cancel()
                 raise SegmentationError(f"the segmentation took longer than {timeoutSeconds:.0f} s and was stopped")
-            slicer.app.processEvents()
+            if hasattr(slicer, "app"):
+                slicer.app.processEvents()
             time.sleep(0.05)
         if run.state != "succeeded":
             raise run.error
@@ -503,3 +577,44 @@ class KidneyTumorSegLogic(ScriptedLoadableModuleLogic):
         if self.activeRun is run:
             self.activeRun = None
         self.lastRun = run
+
+    # -- measurements after editing ----------------------------------------------------
+
+    def measureSegmentation(self, segmentationNode, volumeNode) -> dict:
+        """Measure the segments as they are now (after corrections in the Segment Editor) with
+        the library's own code (``measurements.measure``): the Kidney, Tumor and Cyst segments
+        become a label map (1, 2, 3; a lesion wins over kidney) on ``volumeNode``'s grid, in
+        its physical (LPS) geometry. Returns the stats document the CLI writes (kidneys by
+        side, tumors, cysts). Missing segments count as empty."""
+        if segmentationNode is None or volumeNode is None:
+            raise SegmentationError("measuring needs a segmentation and its CT volume")
+        measurements = self.libraryModule("measurements")
+        labels = segments.labelsFromSegments(segmentationNode, volumeNode)
+        stats = measurements.measure(segments.labelImageLPS(labels, volumeNode))
+        stats["source"] = "segments"  # measured from the (edited) segments, not the automatic result
+        return stats
+
+    @staticmethod
+    def updateResultsTable(stats: dict, tableNode=None, name: str = "KidneyTumorSeg results"):
+        """Put the results table (the panel's rows) into a ``vtkMRMLTableNode`` (created when
+        None), which Slicer saves with the scene; returns it."""
+        import vtk
+
+        if tableNode is None:
+            tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", slicer.mrmlScene.GenerateUniqueName(name))
+        rows = results.tableRows(stats)
+        table = vtk.vtkTable()
+        for columnIndex, title in enumerate(results.TABLE_COLUMNS):
+            column = vtk.vtkStringArray()
+            column.SetName(title)
+            for row in rows:
+                column.InsertNextValue(row[columnIndex])
+            table.AddColumn(column)
+        tableNode.SetAndObserveTable(table)
+        tableNode.SetAttribute("KidneyTumorSeg.Stats", json.dumps(stats))
+        return tableNode
+
+    @staticmethod
+    def writeResultsCsv(path: str, caseName: str, stats: dict) -> None:
+        """The measurements as one CSV row, in the columns of batch mode's ``measurements.csv``."""
+        results.writeCsv(path, [results.csvRow(caseName, "ok", stats=stats)])

@@ -123,8 +123,15 @@ class ProgressLine:
 
 @dataclass(frozen=True)
 class ErrorLine:
-    """The library's one-line failure report (``error: ...``), without the prefix."""
+    """The library's failure report: ``error: ...`` (without the prefix), or the structured
+    ``{"error": {"kind": ..., "message": ...}}`` of ``--progress json`` (``kind`` is the
+    library's exception class, e.g. ``NotCTLikeError``; "" for the plain line)."""
     message: str
+    kind: str = ""
+
+
+#: the library's error kind for intensities that do not look like CT (``--force`` overrules it)
+NOT_CT_KIND = "NotCTLikeError"
 
 
 @dataclass(frozen=True)
@@ -139,8 +146,9 @@ OutputLine = Union[ProgressLine, ErrorLine, LogLine]
 def parseOutputLine(line: str) -> OutputLine:
     """Classify one output line of the library's CLI (trailing newline already removed or not).
 
-    A JSON object with a numeric ``progress`` is progress (clamped to 0..1); a line starting
-    with ``error: `` is the failure message; everything else is log text.
+    A JSON object with a numeric ``progress`` is progress (clamped to 0..1); a JSON object with
+    an ``error`` object, or a line starting with ``error: ``, is the failure; everything else is
+    log text.
     """
     text = line.rstrip("\r\n")
     stripped = text.strip()
@@ -153,6 +161,9 @@ def parseOutputLine(line: str) -> OutputLine:
                 and not isinstance(obj.get("progress"), bool):
             fraction = min(1.0, max(0.0, float(obj["progress"])))
             return ProgressLine(fraction, str(obj.get("message", "")))
+        if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+            error = obj["error"]
+            return ErrorLine(str(error.get("message", "")), str(error.get("kind", "")))
     if stripped.startswith("error:"):
         return ErrorLine(stripped[len("error:"):].strip())
     return LogLine(text)

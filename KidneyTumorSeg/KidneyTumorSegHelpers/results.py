@@ -114,18 +114,11 @@ def notesText(stats: dict) -> str:
     return (" Note: " + "; ".join(notes) + ".") if notes else ""
 
 
-def ctIntensityProblem(scalarRange: Sequence[float]) -> str:
-    """Why an intensity range does not look like CT in Hounsfield units, or "" when it does.
+def writeCsv(path: str, rows: Sequence[dict]) -> None:
+    """Write measurement rows (see :func:`csvRow`) with the :data:`CSV_COLUMNS` header."""
+    import csv
 
-    Every abdominal CT contains air or at least fat (about -1000 / -100 HU) and contrast-enhanced
-    kidney (> 100 HU). A volume whose minimum is above -50 (MRI, rescaled or unsigned CT) or whose
-    maximum is below 100 is not what the models were trained on. This is a warning the user may
-    overrule (the library's ``--force``), not a hard stop.
-    """
-    low, high = float(scalarRange[0]), float(scalarRange[1])
-    if low > -50.0:
-        return (f"its lowest intensity is {low:.0f}, but a CT in Hounsfield units contains air or fat "
-                f"(about -1000 / -100 HU)")
-    if high < 100.0:
-        return f"its highest intensity is {high:.0f}, but contrast-enhanced kidney is above 100 HU"
-    return ""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -2,10 +2,13 @@
 
 The library writes a uint8 label map on the input's grid (same size, spacing, origin and
 direction). Here it is checked against the volume node's own geometry (converted from
-Slicer's RAS to ITK's LPS), then each label becomes a segment through
-``slicer.util.updateSegmentBinaryLabelmapFromArray`` with the input volume as reference, so
-the segments share the input's voxels exactly (what DICOM SEG export and the Segment Editor
-expect).
+Slicer's RAS to ITK's LPS), then each label becomes a segment through the Segmentations module logic's
+``ImportLabelmapToSegmentationNode`` (what ``slicer.util.updateSegmentBinaryLabelmapFromArray``
+does, called on the logic class itself so that it also works in plain Python with slicer-core,
+where there is no ``slicer.modules``) with a label map on the input volume's grid, so the
+segments share the input's voxels exactly (what DICOM SEG export and the Segment Editor
+expect). The reverse (:func:`labelsFromSegments`) exports the segments, edited or not, onto
+the volume's grid for measuring.
 """
 
 from __future__ import annotations
@@ -60,6 +63,77 @@ def checkSameGrid(labelImage, volumeNode, originToleranceMm: float = 1e-3) -> No
         raise GeometryMismatchError("the label map's axis directions differ from the input's")
 
 
+def _segmentationsLogic():
+    """The Segmentations module logic: Slicer's instance when there is one, else the class
+    (the import/export functions used here are static)."""
+    modules = getattr(slicer, "modules", None)
+    module = getattr(modules, "segmentations", None) if modules is not None else None
+    return module.logic() if module is not None else slicer.vtkSlicerSegmentationsModuleLogic
+
+
+def _labelmapOnGrid(volumeNode, array=None):
+    """A hidden temporary label map volume on ``volumeNode``'s grid (remove it after use)."""
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__KidneyTumorSeg_temp__")
+    node.SetHideFromEditors(True)
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    node.SetIJKToRASMatrix(matrix)
+    if array is not None:
+        slicer.util.updateVolumeFromArray(node, array)
+    return node
+
+
+def _removeNode(node) -> None:
+    displayNode = node.GetDisplayNode()
+    if displayNode is not None:
+        slicer.mrmlScene.RemoveNode(displayNode)
+    slicer.mrmlScene.RemoveNode(node)
+
+
+def segmentMask(segmentationNode, segmentId: str, volumeNode) -> np.ndarray:
+    """A segment as a uint8 0/1 array (k, j, i) on ``volumeNode``'s grid (resampled when the
+    segmentation has another geometry)."""
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segmentId)
+    labelmap = _labelmapOnGrid(volumeNode)
+    try:
+        if not _segmentationsLogic().ExportSegmentsToLabelmapNode(segmentationNode, ids, labelmap, volumeNode):
+            raise RuntimeError(f"could not export segment {segmentId}")
+        imageData = labelmap.GetImageData()
+        dims = volumeNode.GetImageData().GetDimensions()
+        if imageData is None or imageData.GetPointData().GetScalars() is None:
+            return np.zeros((dims[2], dims[1], dims[0]), np.uint8)
+        return (slicer.util.arrayFromVolume(labelmap) > 0).astype(np.uint8)
+    finally:
+        _removeNode(labelmap)
+
+
+def labelsFromSegments(segmentationNode, volumeNode) -> np.ndarray:
+    """The Kidney, Tumor and Cyst segments as one library label map (uint8, k, j, i, on
+    ``volumeNode``'s grid): 1 kidney, 2 tumor, 3 cyst; where segments overlap, a lesion wins
+    over kidney and tumor over cyst. Missing segments are empty."""
+    dims = volumeNode.GetImageData().GetDimensions()
+    labels = np.zeros((dims[2], dims[1], dims[0]), np.uint8)
+    segmentation = segmentationNode.GetSegmentation()
+    for spec in (ALL_SEGMENTS[0], ALL_SEGMENTS[2], ALL_SEGMENTS[1]):  # kidney, cyst, then tumor on top
+        segmentId = segmentation.GetSegmentIdBySegmentName(spec.name)
+        if segmentId:
+            labels[segmentMask(segmentationNode, segmentId, volumeNode) > 0] = spec.label
+    return labels
+
+
+def labelImageLPS(labels: np.ndarray, volumeNode):
+    """A SimpleITK image of ``labels`` (k, j, i) with ``volumeNode``'s geometry in LPS."""
+    import SimpleITK as sitk
+
+    _, spacing, origin, direction = volumeGeometryLPS(volumeNode)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(labels))
+    image.SetSpacing(tuple(float(v) for v in spacing))
+    image.SetOrigin(tuple(float(v) for v in origin))
+    image.SetDirection(tuple(float(v) for v in direction.ravel()))
+    return image
+
+
 def existingResultSegments(segmentationNode) -> List[str]:
     """Names of segments in ``segmentationNode`` that a new result would replace."""
     if segmentationNode is None:
@@ -102,6 +176,7 @@ def importLabels(labels: np.ndarray, volumeNode, segmentationNode,
             segmentation.RemoveSegment(oldId)
 
     added: List[str] = []
+    labelmap = _labelmapOnGrid(volumeNode)
     try:
         for spec, values in plan.items():
             segmentId = segmentation.AddEmptySegment("", spec.name)
@@ -110,11 +185,17 @@ def importLabels(labels: np.ndarray, volumeNode, segmentationNode,
             segment.SetColor(*spec.color)
             _setTerminology(segment, spec)
             mask = np.isin(labels, np.asarray(values, dtype=labels.dtype)).astype(np.uint8)
-            slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentationNode, segmentId, volumeNode)
+            slicer.util.updateVolumeFromArray(labelmap, mask)
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(segmentId)
+            if not _segmentationsLogic().ImportLabelmapToSegmentationNode(labelmap, segmentationNode, ids):
+                raise RuntimeError(f"importing the {spec.name} label map into the segmentation failed")
     except Exception:
         for segmentId in added:
             segmentation.RemoveSegment(segmentId)
         raise
+    finally:
+        _removeNode(labelmap)
     return added
 
 
@@ -126,6 +207,13 @@ def placeNextToVolume(segmentationNode, volumeNode) -> None:
     if shNode is None:
         return
     volumeItem = shNode.GetItemByDataNode(volumeNode)
+    if not volumeItem:
+        return
+    parentItem = shNode.GetItemParent(volumeItem)
     segmentationItem = shNode.GetItemByDataNode(segmentationNode)
-    if volumeItem and segmentationItem:
-        shNode.SetItemParent(segmentationItem, shNode.GetItemParent(volumeItem))
+    if not segmentationItem:
+        # Slicer's subject hierarchy plugin logic (Qt) creates items for new nodes; without
+        # it (plain Python, batch mode) the item is created here.
+        shNode.CreateItem(parentItem, segmentationNode)
+    else:
+        shNode.SetItemParent(segmentationItem, parentItem)

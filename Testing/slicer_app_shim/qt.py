@@ -1,5 +1,9 @@
 """A small stand-in for Slicer's PythonQt ``qt`` module, for running the module's tests without Slicer.
 
+No wheel provides PythonQt, so this one stays a stand-in; every signal, property and method
+it offers is checked against real Qt 5 (PyQt5's meta-objects) by
+``test_slicer_module.py::test_qt_stand_in_offers_only_what_real_qt_has``.
+
 Only what the KidneyTumorSeg module uses exists, with the names and behaviour of real Qt 5
 as PythonQt exposes it: Qt properties read and written as attributes (``button.enabled``),
 signals connected by their C++ signature (``obj.connect("clicked(bool)", slot)``), slots called
@@ -177,6 +181,7 @@ def _processEvents() -> None:
 
 def _resetEventLoop() -> None:
     _ACTIVE_TIMERS.clear()
+    _fileDialogAnswers.clear()
 
 
 # ------------------------------------------------------------------------------------------
@@ -233,25 +238,25 @@ class QLayout(QObject):
             self._owner._children.append(widget)
             object.__setattr__(widget, "_parent", self._owner)
 
+
+class QBoxLayout(QLayout):
     def addStretch(self, stretch: int = 0) -> None:
         pass
 
-    def addRow(self, *args) -> None:
-        for arg in args:
-            if isinstance(arg, QWidget):
-                self.addWidget(arg)
 
-
-class QVBoxLayout(QLayout):
+class QVBoxLayout(QBoxLayout):
     pass
 
 
-class QHBoxLayout(QLayout):
+class QHBoxLayout(QBoxLayout):
     pass
 
 
 class QFormLayout(QLayout):
-    pass
+    def addRow(self, *args) -> None:
+        for arg in args:
+            if isinstance(arg, QWidget):
+                self.addWidget(arg)
 
 
 class QAbstractButton(QWidget):
@@ -493,6 +498,20 @@ class QTableWidget(QWidget):
 
     def item(self, row: int, column: int) -> Optional[QTableWidgetItem]:
         return self._cells.get((row, column))
+
+
+class QFileDialog(QWidget):
+    """``getSaveFileName`` returns a string in PythonQt (PyQt returns a tuple). The answer is
+    scripted by the tests (``qt._fileDialogAnswers``); an unscripted dialog fails the test."""
+
+    @staticmethod
+    def getSaveFileName(parent=None, caption="", directory="", filter=""):
+        if not _fileDialogAnswers:
+            raise AssertionError(f"unexpected file dialog: {caption}")
+        return _fileDialogAnswers.pop(0)
+
+
+_fileDialogAnswers: List[str] = []
 
 
 class QMessageBox:

@@ -1,4 +1,6 @@
-"""``slicer.ScriptedLoadableModule`` of the Slicer stand-in (Base/Python/slicer/ScriptedLoadableModule.py)."""
+"""``slicer.ScriptedLoadableModule`` for tests (slicer-core has none): the behaviour of Slicer's
+Base/Python/slicer/ScriptedLoadableModule.py that the module relies on, over the real scene.
+Registered as ``sys.modules["slicer.ScriptedLoadableModule"]`` by ``slicer_app_shim.install()``."""
 
 import importlib
 import os
@@ -87,11 +89,15 @@ class ScriptedLoadableModuleLogic:
     def getParameterNode(self):
         parameterNode = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
         if parameterNode:
+            # After a scene close the singleton is reset (attributes and parameters gone); Slicer restores the name.
+            if parameterNode.GetAttribute("ModuleName") != self.moduleName:
+                parameterNode.SetAttribute("ModuleName", self.moduleName)
             return parameterNode
         return slicer.mrmlScene.AddNode(self.createParameterNode())
 
     def createParameterNode(self):
         node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+        node.UnRegister(None)  # owned by the Python variable now (as in Slicer)
         node.SetSingletonTag(self.moduleName)
         node.SetAttribute("ModuleName", self.moduleName)
         node.SetName(slicer.mrmlScene.GenerateUniqueName(self.moduleName))
