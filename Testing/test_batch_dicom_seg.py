@@ -1,8 +1,10 @@
 """Slicer batch mode's --dicom-seg: the real library command line writes <case>.dcm for a DICOM case.
 
-Runs the batch module against the Slicer stand-in (``Testing/slicer_shim``; it has no DICOM
-module, so loading the DICOM case into the scene fails there, as the module tests expect) and the
-real ``python -m KidneyTumorSegLib`` in a subprocess with the bundled model.
+Runs the batch module on real Slicer core (slicer-core) with the application stand-in
+(``Testing/slicer_app_shim``, installed exactly as ``test_slicer_module`` does, so whichever of the
+two files is imported first the module's logic sees the same ``slicer``; it has no DICOM module, so
+loading the DICOM case into the scene fails there, as the module tests expect) and the real
+``python -m KidneyTumorSegLib`` in a subprocess with the bundled model.
 """
 
 from __future__ import annotations
@@ -16,18 +18,25 @@ import SimpleITK as sitk
 
 try:
     import highdicom as hd
-    import vtk  # noqa: F401  (the stand-in needs it)
+    import slicer
+    import vtk  # noqa: F401  (slicer-core needs it)
+    if not hasattr(slicer, "vtkMRMLScene"):
+        raise ImportError(f"'slicer' at {getattr(slicer, '__file__', '?')} is not the slicer-core package")
 except ImportError:  # pragma: no cover - depends on the machine
     if os.environ.get("CI"):
         raise
-    pytest.skip("needs the [test] extra (vtk, highdicom)", allow_module_level=True)
+    pytest.skip("needs the [test] extra (slicer-core, vtk, highdicom)", allow_module_level=True)
 
 from conftest import REPO, dice
 from dicom_helpers import write_ct_series
 
-for path in (str(Path(__file__).resolve().parent / "slicer_shim"), str(REPO / "KidneyTumorSeg")):
+for path in (str(Path(__file__).resolve().parent / "slicer_app_shim"), str(REPO / "KidneyTumorSeg")):
     if path not in sys.path:
         sys.path.insert(0, path)
+
+import slicer_app_shim as shim  # noqa: E402
+
+shim.install()  # before the module's helpers are imported (test_slicer_module needs them on the stand-in)
 
 from KidneyTumorSegHelpers import batch  # noqa: E402
 from KidneyTumorSegHelpers.logic import KidneyTumorSegLogic  # noqa: E402
