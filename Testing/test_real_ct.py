@@ -1,0 +1,38 @@
+"""The shipped default model on real CT (``Training/real_ct.py``): floors that turn CI red when a model change makes
+it worse on patients. The scans live in ``../shared/data/real_ct`` (evaluation only; never in the repository)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from KidneyTumorSegLib.models import load_package
+from KidneyTumorSegLib.pipeline import Segmenter
+from Training.real_ct import check_scan
+
+torch.set_num_threads(1)
+REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct"
+
+# Regression floors of the shipped model, a little below what it measures (kidney-vbnet-phantom 0.3.0 with the
+# plausibility rules, 2026-12-02, `python benchmarks/real_ct_check.py`): IRCAD 1.1 kidney Dice 0.360 with 283 mL of
+# false lesion (the patient has none), example_ct_sm 0.526 with 147 mL. These are far from what a clinical tool needs
+# (issue 13 asks for >= 0.90 and <= 5 mL); they only stop a change from making the shipped model worse on patients.
+FLOORS = {"ircad_1.1": {"kidney_dice": 0.33, "max_lesion_ml": 300.0},
+          "example_ct_sm": {"kidney_dice": 0.50, "max_lesion_ml": 160.0}}
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    if not REAL_CT.is_dir():
+        pytest.skip(f"the shared real CT scans are not at {REAL_CT} (only present in the project's CI and dev checkouts)")
+    return Segmenter(load_package(None), device="cpu")
+
+
+@pytest.mark.parametrize("scan", sorted(FLOORS))
+def test_default_model_on_real_ct(segmenter, scan):
+    row = check_scan(scan, REAL_CT, segmenter)
+    floor = FLOORS[scan]
+    assert row["kidney_dice"] >= floor["kidney_dice"], row
+    assert row["tumor_ml"] + row["cyst_ml"] <= floor["max_lesion_ml"], row
