@@ -69,6 +69,10 @@ FIXED_MEMORY_BYTES = 600 * 10**6
 #: 3 x 8 + 3 x 8 + 8). Measured: 131 B per voxel beyond the input for a 160x160x80 volume
 #: segmented as kidney everywhere; this model says 66 + the stage grids' share.
 EXTRA_BYTES_PER_VOXEL = 2 + 4 + 2 + 24 + 24 + 8
+#: of which the measurements' share, paid per voxel of the final kidneys only: a model whose post-processing
+#: keeps only plausible kidneys (at most ``max_kidney_components`` of at most ``plausibility.max_volume_ml``
+#: each) bounds it by that volume instead of the whole scan
+MEASURE_BYTES_PER_KIDNEY_VOXEL = 24 + 24 + 8
 
 _SCALAR_TYPES = {
     sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32, sitk.sitkInt32,
@@ -221,9 +225,10 @@ def _stage_voxels(stage, info: ImageInfo) -> tuple[int, int]:
     """(voxels of the stage's working grid in the worst case, voxels of one window batch).
 
     The worst case is the stage's whole region at its spacing: the whole volume for
-    ``whole`` and ``components`` regions (a localize stage that finds kidney everywhere
-    makes the component boxes cover the volume), ``size_mm`` for ``fixed_box``; never less
-    than one patch along an axis (the sliding window pads to it)."""
+    ``whole`` regions, ``size_mm`` for ``fixed_box``, and for ``components`` regions the
+    volume cut to ``max_size_mm`` (a localize stage that finds kidney everywhere gets at
+    most that box per region, regions run one after another); never less than one patch
+    along an axis (the sliding window pads to it)."""
     from . import geometry as geo
 
     direction = np.asarray(info.direction, dtype=float).reshape(3, 3)
@@ -233,7 +238,11 @@ def _stage_voxels(stage, info: ImageInfo) -> tuple[int, int]:
     voxels = 1
     for k in range(3):
         spacing = native[k] if stage.spacing_mm[k] is None else float(stage.spacing_mm[k])
-        span = extent[k] if stage.region.kind != "fixed_box" else min(extent[k], float(stage.region.size_mm[k]))
+        span = extent[k]
+        if stage.region.kind == "fixed_box":
+            span = min(span, float(stage.region.size_mm[k]))
+        elif stage.region.kind == "components" and stage.region.max_size_mm is not None:
+            span = min(span, float(stage.region.max_size_mm[k]))  # regions run one at a time, each bounded
         voxels *= max(int(math.ceil(span / spacing - 1e-6)), int(stage.patch_size[k]), 1)
     return voxels, stage.batch_size * math.prod(stage.patch_size)
 
@@ -258,6 +267,8 @@ def estimate_memory_bytes(image: ImageOrInfo, manifest=None) -> int:
     total = voxels * (input_bytes + EXTRA_BYTES_PER_VOXEL) + FIXED_MEMORY_BYTES
     if manifest is None:
         return total
+    kidney_voxels = _kidney_voxel_bound(info, manifest)
+    total -= (voxels - kidney_voxels) * MEASURE_BYTES_PER_KIDNEY_VOXEL
     from .pipeline import _BACK_RESAMPLE_VOXELS
 
     kept, largest = 0, 0
@@ -271,6 +282,17 @@ def estimate_memory_bytes(image: ImageOrInfo, manifest=None) -> int:
             working += min(_BACK_RESAMPLE_VOXELS, voxels) * (8 * k + 9)
         largest = max(largest, working)
     return total + kept + largest
+
+
+def _kidney_voxel_bound(info: ImageInfo, manifest) -> int:
+    """Most input-grid voxels the final kidneys can hold: all of them, unless post-processing keeps only
+    plausible kidney components (each at most ``plausibility.max_volume_ml``)."""
+    post = manifest.postprocessing
+    if not post.plausibility.enabled:
+        return info.voxels
+    voxel_ml = float(np.prod(info.spacing)) / 1000.0
+    most = max(1, int(post.max_kidney_components)) * float(post.plausibility.max_volume_ml) / max(voxel_ml, 1e-12)
+    return int(min(info.voxels, math.ceil(most)))
 
 
 def estimate_region_memory_bytes(grid_size, in_channels: int, num_classes: int) -> int:

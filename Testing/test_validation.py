@@ -250,3 +250,23 @@ def test_cgroup_limits(tmp_path):
     (v1 / "memory/memory.limit_in_bytes").write_text(str(2**63 - 4096))
     assert validation._cgroup_available_bytes(v1) is None
     assert validation._cgroup_available_bytes(tmp_path / "none") is None
+
+
+def test_plausible_kidneys_bound_the_estimate_of_a_large_normal_ct():
+    # the bundled model keeps at most two plausible kidneys of <= 3.5 L and bounds its fine regions, so a
+    # 512x512x600 CT is not charged as if every voxel could be kidney (10.9 GB); benchmarks/README.md measured
+    # about 1.1 GB for this size (the estimate stays a worst case above that)
+    from KidneyTumorSegLib.models import load_package
+
+    image = sitk.Image((512, 512, 600), sitk.sitkInt16)
+    image.SetSpacing((0.78, 0.78, 0.8))
+    manifest = load_package(None).manifest
+    assert manifest.postprocessing.plausibility.enabled
+    bounded, unbounded = estimate_memory_bytes(image, manifest), estimate_memory_bytes(image)
+    assert 1.1e9 < bounded < 4e9 < unbounded
+    # without the rules the bound goes: every voxel may be kidney again
+    import dataclasses
+
+    off = dataclasses.replace(manifest, postprocessing=dataclasses.replace(
+        manifest.postprocessing, plausibility=dataclasses.replace(manifest.postprocessing.plausibility, enabled=False)))
+    assert estimate_memory_bytes(image, off) > bounded + 5e9
