@@ -242,6 +242,33 @@ def smooth_noise(grid: Grid, sigma_mm: float, rng: np.random.Generator) -> np.nd
     return sitk.GetArrayFromImage(grid.resample(low.image(field), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
 
 
+def hilum_quadrics(tissue: np.ndarray, x, y, z, midline_x: float, voxel_ml: float, min_ml: float, floor_mm: float) -> list:
+    """Each kidney's renal hilum, one per side of the midline (a horseshoe has two), from the moments of its tissue.
+
+    ``tissue``: bool (z, y, x) kidney mask on an identity-direction grid whose physical axes are ``x``, ``y``, ``z``
+    (:meth:`Grid.axis_coords`), each voxel ``voxel_ml``; sides holding less than ``min_ml`` are skipped; ``floor_mm``
+    is the smallest semi-axis.
+    Returns ``[(side, hilum point (x, y, z) LPS mm, semi-axes (x, y, z) mm, q)]`` with side +1 patient left, -1 right,
+    the hilum medial and slightly anterior of the kidney's centroid, and ``q`` the hilum ellipsoid's quadratic form
+    (float32 array, < 1 inside)."""
+    out = []
+    for side in (1.0, -1.0):
+        m = tissue & ((x - midline_x) * side > 0)
+        n = int(m.sum())
+        if n * voxel_ml < min_ml:
+            continue
+        mean, semi = [], []
+        for axis, coord in ((2, x.ravel()), (1, y.ravel()), (0, z.ravel())):
+            proj = m.sum(axis=tuple(a for a in range(3) if a != axis)).astype(np.float64)
+            mu = float(proj @ coord / n)
+            mean.append(mu)
+            semi.append(math.sqrt(max(5.0 * float(proj @ (coord - mu) ** 2 / n), floor_mm ** 2)))
+        hx, hy, hz = mean[0] - side * 0.5 * semi[0], mean[1] - 0.15 * semi[1], mean[2]
+        q = ((x - hx) / (0.45 * semi[0])) ** 2 + ((y - hy) / (0.5 * semi[1])) ** 2 + ((z - hz) / (0.45 * semi[2])) ** 2
+        out.append((side, (hx, hy, hz), tuple(semi), q))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Procedural kidney / tumor / cyst shapes
 

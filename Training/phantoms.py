@@ -41,7 +41,7 @@ from KidneyTumorSegLib.errors import InputError
 from KidneyTumorSegLib.labels import CYST, KIDNEY, TUMOR
 
 from .phantom_anatomy import (ADULT_KIDNEY_VOLUME_ML, BodyFrame, Grid, Tissue, body_tissues, estimate_frame,
-                              frame_from_grid, procedural_labels, smooth_noise)
+                              frame_from_grid, hilum_quadrics, procedural_labels, smooth_noise)
 
 __all__ = ["procedural_labels", "synthesize_ct", "procedural_phantom", "draw_intensities"]
 
@@ -189,21 +189,8 @@ def _kidney_field(region: _OrganRegion, frame: BodyFrame, hu: dict, fine: np.nda
     sinus_hu = hu["sinus"] + rng.uniform(30, 60) * np.clip(fine, 0, None)
     x, y, z = g.axis_coords()
     tissue = (lab == KIDNEY) | (lab == CYST)
-    voxel_ml = ck ** 3 / 1000.0
-    for side in (1.0, -1.0):  # one hilum per side of the midline (a horseshoe has two)
-        m = tissue & ((x - frame.x) * side > 0)
-        n = int(m.sum())
-        if n * voxel_ml < 0.1 * ADULT_KIDNEY_VOLUME_ML * s ** 3:
-            continue
-        mean, semi = [], []
-        for axis, coord in ((2, x.ravel()), (1, y.ravel()), (0, z.ravel())):
-            proj = m.sum(axis=tuple(a for a in range(3) if a != axis)).astype(np.float64)
-            mu = float(proj @ coord / n)
-            mean.append(mu)
-            semi.append(math.sqrt(max(5.0 * float(proj @ (coord - mu) ** 2 / n), ck ** 2)))
-        medial = -side
-        hx, hy, hz = mean[0] + medial * 0.5 * semi[0], mean[1] - 0.15 * semi[1], mean[2]
-        q = ((x - hx) / (0.45 * semi[0])) ** 2 + ((y - hy) / (0.5 * semi[1])) ** 2 + ((z - hz) / (0.45 * semi[2])) ** 2
+    for _, _, _, q in hilum_quadrics(tissue, x, y, z, frame.x, ck ** 3 / 1000.0,
+                                     0.1 * ADULT_KIDNEY_VOLUME_ML * s ** 3, ck):
         w_s = _sigmoid((1.0 - q) / 0.2) * _sigmoid((depth - 0.8 * cortex_mm) / max(0.5 * s, 0.5 * ck))
         field += (sinus_hu - field) * w_s
     field += rng.uniform(4, 10) * fine

@@ -27,7 +27,6 @@ map, never from the tissue map.
 from __future__ import annotations
 
 import json
-import math
 import time
 from enum import IntEnum
 from pathlib import Path
@@ -44,7 +43,7 @@ from KidneyTumorSegLib.labels import CYST, KIDNEY, TUMOR
 from KidneyTumorSegLib.pipeline import StageOutput, stage_regions
 
 from .dataset import LABELS_NAME, case_name, list_cases, read_labels, refuse_validation_only
-from .phantom_anatomy import Grid, Tissue, body_tissues, estimate_frame, frame_from_grid, smooth_noise
+from .phantom_anatomy import Grid, Tissue, body_tissues, estimate_frame, frame_from_grid, hilum_quadrics, smooth_noise
 
 __all__ = ["SynthTissue", "tissue_map", "synth_stage_volumes", "preprocess_synth", "TissueSynthesizer", "PHASES"]
 
@@ -110,20 +109,9 @@ def _kidney_parts(T: np.ndarray, lab: np.ndarray, grid: Grid, frame, rng: np.ran
     x, y, z = grid.axis_coords()
     fine = smooth_noise(grid, max(1.5 * s, h), rng)
     hila = []
-    voxel_ml = float(np.prod(grid.spacing)) / 1000.0
-    for side in (1.0, -1.0):
+    for side, (hx, hy, hz), semi, q in hilum_quadrics(tissue, x, y, z, frame.x, float(np.prod(grid.spacing)) / 1000.0,
+                                                      10.0 * s ** 3, h):
         m = tissue & ((x - frame.x) * side > 0)
-        n = int(m.sum())
-        if n * voxel_ml < 10.0 * s ** 3:
-            continue
-        mean, semi = [], []
-        for axis, coord in ((2, x.ravel()), (1, y.ravel()), (0, z.ravel())):
-            proj = m.sum(axis=tuple(a for a in range(3) if a != axis)).astype(np.float64)
-            mu = float(proj @ coord / n)
-            mean.append(mu)
-            semi.append(math.sqrt(max(5.0 * float(proj @ (coord - mu) ** 2 / n), h ** 2)))
-        hx, hy, hz = mean[0] - side * 0.5 * semi[0], mean[1] - 0.15 * semi[1], mean[2]
-        q = ((x - hx) / (0.45 * semi[0])) ** 2 + ((y - hy) / (0.5 * semi[1])) ** 2 + ((z - hz) / (0.45 * semi[2])) ** 2
         sinus = m & (q < rng.uniform(0.7, 1.1)) & (depth > 0.8 * cortex_mm)
         T[sinus] = SynthTissue.SINUS_FAT
         T[sinus & (q < rng.uniform(0.15, 0.4))] = SynthTissue.COLLECTING
