@@ -97,6 +97,30 @@ def list_cases(root: Path, selection: Optional[Iterable[int]] = None, need_label
     return cases
 
 
+_INTEGER_PIXELS = {sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32, sitk.sitkInt32,
+                   sitk.sitkUInt64, sitk.sitkInt64}
+
+
+def checked_labels(labels) -> sitk.Image:
+    """``labels`` as a uint8 SimpleITK image after checking it is a 3D scalar integer image with values 0-3
+    (background, kidney, tumor, cyst); InputError saying what came in otherwise. The synthesizers' input check."""
+    if not isinstance(labels, sitk.Image):
+        raise InputError(f"expected a SimpleITK label image, got {type(labels).__name__}")
+    if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"expected a 3D scalar label image, got {labels.GetDimension()}D with "
+                         f"{labels.GetNumberOfComponentsPerPixel()} components per voxel")
+    if labels.GetPixelID() not in _INTEGER_PIXELS:
+        raise InputError(f"expected integer labels 0-3, got pixel type {labels.GetPixelIDTypeAsString()}")
+    if labels.GetNumberOfPixels() == 0:
+        return labels
+    mm = sitk.MinimumMaximumImageFilter()
+    mm.Execute(labels)
+    if mm.GetMinimum() < 0 or mm.GetMaximum() > 3:
+        raise InputError(f"expected label values 0-3 (background, kidney, tumor, cyst), got values from "
+                         f"{mm.GetMinimum():g} to {mm.GetMaximum():g}")
+    return sitk.Cast(labels, sitk.sitkUInt8) if labels.GetPixelID() != sitk.sitkUInt8 else labels
+
+
 def refuse_validation_only(root: Path) -> None:
     """InputError when ``root`` is a validation-only dataset (it holds :data:`VALIDATION_ONLY_MARKER`): the
     independent validation generator's cases must never feed training, or they stop measuring transfer."""

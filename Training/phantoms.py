@@ -40,6 +40,7 @@ import SimpleITK as sitk
 from KidneyTumorSegLib.errors import InputError
 from KidneyTumorSegLib.labels import CYST, KIDNEY, TUMOR
 
+from .dataset import checked_labels
 from .phantom_anatomy import (ADULT_KIDNEY_VOLUME_ML, BodyFrame, Grid, Tissue, body_tissues, estimate_frame,
                               frame_from_grid, hilum_quadrics, procedural_labels, smooth_noise)
 
@@ -47,8 +48,6 @@ __all__ = ["procedural_labels", "synthesize_ct", "procedural_phantom", "draw_int
 
 logger = logging.getLogger(__name__)
 
-_INTEGER_PIXELS = {sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32, sitk.sitkInt32,
-                   sitk.sitkUInt64, sitk.sitkInt64}
 _ENHANCED = ("cortex", "medulla", "tumor", "liver", "spleen", "aorta", "ivc", "heart", "bowel_wall")
 _COARSE_VOXELS = 16e6
 _ORGAN_VOXELS = 3e6
@@ -80,24 +79,9 @@ def draw_intensities(rng: np.random.Generator, intensity_shift_hu: float = 0.0) 
 def _check_labels(labels):
     """uint8 label image, the foreground labels present, and the index box (x, y, z start/stop) of the
     labelled voxels (None when all background)."""
-    if not isinstance(labels, sitk.Image):
-        raise InputError(f"expected a SimpleITK label image, got {type(labels).__name__}")
-    if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"expected a 3D scalar label image, got {labels.GetDimension()}D with "
-                         f"{labels.GetNumberOfComponentsPerPixel()} components per voxel")
-    if labels.GetPixelID() not in _INTEGER_PIXELS:
-        raise InputError(f"expected integer labels 0-3, got pixel type {labels.GetPixelIDTypeAsString()}")
-    if labels.GetPixelID() != sitk.sitkUInt8:
-        mm = sitk.MinimumMaximumImageFilter()
-        mm.Execute(labels)
-        if mm.GetMinimum() < 0 or mm.GetMaximum() > CYST:
-            raise InputError(f"expected label values 0-3 (background, kidney, tumor, cyst), got values from "
-                             f"{mm.GetMinimum():g} to {mm.GetMaximum():g}")
-        labels = sitk.Cast(labels, sitk.sitkUInt8)
+    labels = checked_labels(labels)
     lab = sitk.GetArrayViewFromImage(labels)
     proj = lab.max(axis=2)  # (z, y); max projections find the labelled box in one cheap pass
-    if proj.max() > CYST:
-        raise InputError(f"expected label values 0-3 (background, kidney, tumor, cyst), got values up to {proj.max()}")
     zs, ys = np.flatnonzero(proj.max(axis=1)), np.flatnonzero(proj.max(axis=0))
     if zs.size == 0:
         return labels, set(), None

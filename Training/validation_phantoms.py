@@ -75,7 +75,7 @@ from KidneyTumorSegLib.errors import InputError, OutputError
 from KidneyTumorSegLib.imageio import write_image_atomic
 from KidneyTumorSegLib.labels import CYST, KIDNEY, TUMOR
 
-from .dataset import IMAGE_NAME, LABELS_NAME, VALIDATION_ONLY_MARKER, list_cases, read_labels
+from .dataset import IMAGE_NAME, LABELS_NAME, VALIDATION_ONLY_MARKER, checked_labels, list_cases, read_labels
 
 __all__ = ["PHASES", "TUMOR_TYPES", "synthesize_validation_ct", "make_validation_case", "make_validation_dataset",
            "VALIDATION_JSON"]
@@ -92,8 +92,6 @@ _COARSE_VOXELS = 4.0e6
 _REGION_VOXELS = 1.2e6
 _CHUNK_VOXELS = 4.0e6
 _HU_MIN, _HU_MAX = -1024.0, 3071.0
-_INT_PIXELS = {sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32, sitk.sitkInt32,
-               sitk.sitkUInt64, sitk.sitkInt64}
 
 # background tissue codes of the anatomy map
 _NAMES = ("air", "subq_fat", "visc_fat", "peri_fat", "fascia", "skin", "muscle", "cancellous", "cortical",
@@ -196,26 +194,15 @@ def _unit(v):
 
 
 def _check(labels) -> sitk.Image:
-    if not isinstance(labels, sitk.Image):
-        raise InputError(f"expected a SimpleITK label image, got {type(labels).__name__}")
-    if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"expected a 3D scalar label image, got {labels.GetDimension()}D with "
-                         f"{labels.GetNumberOfComponentsPerPixel()} components per voxel")
-    if labels.GetPixelID() not in _INT_PIXELS:
-        raise InputError(f"expected integer labels 0-3, got pixel type {labels.GetPixelIDTypeAsString()}")
+    labels = checked_labels(labels)
     if min(labels.GetSize()) < 1 or min(labels.GetSpacing()) <= 0:
         raise InputError(f"expected a non-empty grid with positive spacing, got size {labels.GetSize()} "
                          f"spacing {labels.GetSpacing()}")
-    mm = sitk.MinimumMaximumImageFilter()
-    mm.Execute(labels)
-    if mm.GetMinimum() < 0 or mm.GetMaximum() > CYST:
-        raise InputError(f"expected label values 0-3 (background, kidney, tumor, cyst), got values from "
-                         f"{mm.GetMinimum():g} to {mm.GetMaximum():g}")
     try:
         geo.canonical_axes(labels.GetDirection())
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    return sitk.Cast(labels, sitk.sitkUInt8) if labels.GetPixelID() != sitk.sitkUInt8 else labels
+    return labels
 
 
 class _Canonical:
