@@ -200,3 +200,72 @@ def test_fov_cut_makes_a_scan_end_inside_the_patch():
     off = Augmenter({"fov_cut": {"probability": 0.0}}, (2.0, 2.0, 2.0), 3, -1.0)
     x3, y3 = off(x, y, torch.Generator().manual_seed(0))
     assert torch.equal(x3, x) and torch.equal(y3, y)
+
+
+class _FixedSampler:
+    def __init__(self, value):
+        self.value = value
+
+    def batch(self, epoch, iteration, rank=0):
+        return np.full((2, 1, 4, 4, 4), self.value, np.float32), np.zeros((2, 4, 4, 4), np.uint8)
+
+
+def test_mixed_batches_come_from_the_second_source_at_its_fraction_reproducibly():
+    from Training.sampling import BatchDataset
+
+    keys = [(e, i) for e in range(4) for i in range(100)]
+    data = BatchDataset(_FixedSampler(0.0), keys, mix=_FixedSampler(1.0), mix_fraction=0.3, seed=5)
+    items = [data[i] for i in range(len(data))]
+    sources = np.array([s for _, _, _, s in items])
+    # the batch's content is the chosen sampler's, and the reported source says which
+    assert all(float(x[0, 0, 0, 0, 0]) == s for x, _, _, s in items)
+    assert 0.25 < sources.mean() < 0.35
+    again = BatchDataset(_FixedSampler(0.0), keys, mix=_FixedSampler(1.0), mix_fraction=0.3, seed=5)
+    assert [again.source_of(*k) for k in keys] == list(sources)
+    alone = BatchDataset(_FixedSampler(0.0), keys)
+    assert {alone[i][3] for i in range(20)} == {0}
+    with pytest.raises(ValueError, match="fraction"):
+        BatchDataset(_FixedSampler(0.0), keys, mix=_FixedSampler(1.0), mix_fraction=1.0)
+
+
+def test_synth_mixed_trains_on_both_sources_and_needs_the_second(tmp_path, monkeypatch):
+    from KidneyTumorSegLib.errors import InputError
+    from Training.cli import main
+    from Training.runs import train_run
+    from Training.sampling import PatchSampler
+
+    labels_dir = tmp_path / "labels"
+    for n in (1, 2):
+        (labels_dir / f"case_{n:05d}").mkdir(parents=True)
+        sitk.WriteImage(_labels(seed=n), str(labels_dir / f"case_{n:05d}" / "segmentation.nii.gz"))
+    synth, phantoms, rendered = tmp_path / "synth", tmp_path / "phantoms", tmp_path / "rendered"
+    assert main(["--quiet", "synth-preprocess", "--labels", str(labels_dir), "--recipe", "synth_mixed", "--smoke",
+                 "--out", str(synth)]) == 0
+    assert main(["--quiet", "phantoms", "--labels", str(labels_dir), "--out", str(phantoms)]) == 0
+    assert main(["--quiet", "preprocess", "--data", str(phantoms), "--recipe", "synth_mixed", "--smoke",
+                 "--out", str(rendered)]) == 0
+    with pytest.raises(InputError, match="--mix-data"):
+        train_run("synth_mixed", synth, tmp_path / "no-mix", fold=None, smoke=True, device="cpu")
+    with pytest.raises(InputError, match="synthesis cache"):
+        train_run("synth_mixed", synth, tmp_path / "synth-mix", fold=None, smoke=True, device="cpu", mix_data=synth)
+    with pytest.raises(InputError, match="no stage"):
+        train_run("synth_default", synth, tmp_path / "unused", fold=None, smoke=True, device="cpu", mix_data=rendered)
+
+    drawn = []
+    original = PatchSampler.batch
+
+    def recording(self, epoch, iteration, rank=0):
+        drawn.append(self.folder.parent.resolve())
+        return original(self, epoch, iteration, rank)
+
+    monkeypatch.setattr(PatchSampler, "batch", recording)
+    run = tmp_path / "run"
+    train_run("synth_mixed", synth, run, fold=None, smoke=True, device="cpu", mix_data=rendered,
+              overrides=["coarse.training.iterations_per_epoch=6", "fine.training.iterations_per_epoch=6"])
+    record = json.loads((run / "run.json").read_text())
+    assert record["mix"]["cache"] == str(rendered.resolve()) and record["mix"]["train_cases"] == [1, 2]
+    assert record["mix"]["stages"] == ["coarse", "fine"]
+    assert drawn.count(rendered.resolve()) > 0 and drawn.count(synth.resolve()) > 0
+    assert len(drawn) == 2 * 2 * 6
+    with pytest.raises(InputError, match="resumed run keeps"):
+        train_run(None, None, run, resume=True, device="cpu", mix_data=rendered)

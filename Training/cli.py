@@ -140,7 +140,8 @@ def cmd_train(args) -> int:
                           resume=args.resume, max_epochs=args.max_epochs, device=args.device, smoke=args.smoke,
                           overrides=args.set, seed=args.seed, workers=args.workers, stages=args.stage,
                           progress=_Progress("train", not args.quiet),
-                          init_from=Path(args.init_from) if args.init_from else None, max_minutes=args.max_minutes)
+                          init_from=Path(args.init_from) if args.init_from else None, max_minutes=args.max_minutes,
+                          mix_data=Path(args.mix_data) if args.mix_data else None)
     print(json.dumps({name: {k: s[k] for k in ("epochs_done", "total_epochs", "finished", "best")} for name, s in summaries.items()}))
     return 0
 
@@ -271,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stage", action="append", help="train only this stage (repeatable)")
     s.add_argument("--init-from", metavar="RUN", help="start each stage from this run's weights (fine-tuning; same "
                                                      "stage names and architectures); recorded in run.json")
+    s.add_argument("--mix-data", metavar="CACHE", help="a preprocess cache of CT images that stages with training.mix "
+                                                       "mix in by batch (e.g. rendered phantoms beside a synthesis cache)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("evaluate", help="KiTS19 metrics of a model package on a labelled dataset")

@@ -104,12 +104,35 @@ def _check_unchanged(path: Path, sha256: str) -> None:
                          "(sha256 mismatch); restore them or start a new run")
 
 
+def _mix_entry(mix_data: Optional[Path], resolved: dict, fold: Optional[int], folds: int) -> Optional[dict]:
+    """run.json's record of the second training source (``train --mix-data``): its cache and training cases."""
+    mixing = [s["name"] for s in resolved["stages"] if any(p["training"].get("mix") for p in s["phases"])]
+    if mix_data is None:
+        if mixing:
+            raise InputError(f"recipe {resolved['name']!r} mixes a second training source into stage(s) "
+                             f"{', '.join(mixing)}: give its preprocess cache with --mix-data")
+        return None
+    if not mixing:
+        raise InputError(f"--mix-data was given but no stage of recipe {resolved['name']!r} mixes in a second source "
+                         "(training.mix); set one with --set STAGE.training.mix=...")
+    if not (Path(mix_data) / CACHE_JSON).is_file():
+        raise InputError(f"--mix-data must be a cache made by 'preprocess' (a folder with {CACHE_JSON}); got {mix_data}")
+    cache = Cache(Path(mix_data))
+    meta = cache.meta()
+    if meta.get("synthetic"):
+        raise InputError(f"--mix-data {mix_data} is a synthesis cache; the mixed-in source must hold CT images")
+    train, _ = fold_split(meta["cases"], fold, folds)
+    return {"cache": str(cache.root.resolve()), "dataset": meta["dataset"], "train_cases": train, "stages": mixing}
+
+
 def _create_run(recipe_name: str, data: Path, out: Path, fold: Optional[int], folds: int, smoke: bool,
-                overrides: Sequence[str], seed: int, progress, init_from: Optional[dict] = None) -> dict:
+                overrides: Sequence[str], seed: int, progress, init_from: Optional[dict] = None,
+                mix_data: Optional[Path] = None) -> dict:
     recipe = apply_overrides(get_recipe(recipe_name, smoke=smoke), list(overrides))
     cache = open_cache(data, out)
     meta = cache.meta()
     resolved = resolve(recipe, meta["fingerprint"])
+    mix = _mix_entry(mix_data, resolved, fold, folds)
     if not meta.get("synthetic"):  # a synthesis cache is made by synth-preprocess, stage by stage
         preprocess(cache, stage_manifests(resolved), progress=progress, seed=seed)
     train, val = fold_split(meta["cases"], fold, folds)
@@ -123,10 +146,23 @@ def _create_run(recipe_name: str, data: Path, out: Path, fold: Optional[int], fo
     }
     if init_from:
         run["init_from"] = init_from
+    if mix:
+        run["mix"] = mix
     tmp = out / f".{RUN_JSON}.tmp"
     tmp.write_text(json.dumps(run, indent=1) + "\n")
     tmp.replace(out / RUN_JSON)
     return run
+
+
+def _mix_source(mix_cache: Optional[Cache], mix: Optional[dict], stage_name: str, phase: dict) -> Optional[tuple]:
+    """``(folder, training records)`` of the mixed-in cache for a phase that mixes, else None."""
+    if mix_cache is None or not phase["training"].get("mix"):
+        return None
+    records = [r for r in mix_cache.records(phase["manifest"]) if r["case"] in set(mix["train_cases"])]
+    if not records:
+        raise InputError(f"stage {stage_name!r}: the --mix-data cache {mix_cache.root} holds no volumes for this stage "
+                         "(preprocess it with the same recipe)")
+    return mix_cache.folder(phase["manifest"]).path, records
 
 
 def split_records(records: list[dict], train_cases, val_cases) -> tuple[list[dict], list[dict]]:
@@ -143,13 +179,15 @@ def train_run(recipe_name: Optional[str], data: Optional[Path], out: Path, fold:
               resume: bool = False, max_epochs: Optional[int] = None, device: str = "auto", smoke: bool = False,
               overrides: Sequence[str] = (), seed: int = 0, workers: int = 0, stages: Optional[Sequence[str]] = None,
               hooks: Sequence[Hook] = (), progress: Optional[Callable[[int, int, str], None]] = None,
-              init_from: Optional[Path] = None, max_minutes: Optional[float] = None) -> dict:
+              init_from: Optional[Path] = None, max_minutes: Optional[float] = None,
+              mix_data: Optional[Path] = None) -> dict:
     """Train (or resume) a run; returns ``{stage: summary}`` (see :meth:`StageTrainer.fit`).
 
     ``max_minutes``: each stage stops after the epoch during which this many minutes of its training
     passed (equal time budgets; resume later for more). ``init_from``: another run folder whose stages
     (same names and architectures) give the starting weights (fine-tuning); recorded in ``run.json``
-    with the weights' sha256 for provenance, and checked against it when a stage starts."""
+    with the weights' sha256 for provenance, and checked against it when a stage starts. ``mix_data``: a
+    preprocess cache of CT images that stages with ``training.mix`` mix in by batch (recorded in ``run.json``)."""
     from KidneyTumorSegLib.device import resolve_device
 
     try:
@@ -167,6 +205,8 @@ def train_run(recipe_name: Optional[str], data: Optional[Path], out: Path, fold:
             raise OutputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         if exists and init_from:
             raise InputError("--init-from starts a new run; a resumed run keeps the weights it started from")
+        if exists and mix_data:
+            raise InputError("--mix-data starts a new run; a resumed run keeps the sources recorded in its run.json")
         if not exists:
             if resume:
                 raise InputError(f"nothing to resume: {out} holds no {RUN_JSON}")
@@ -174,12 +214,15 @@ def train_run(recipe_name: Optional[str], data: Optional[Path], out: Path, fold:
                 raise InputError("a new run needs --recipe and --data")
             init = _initial_weights(Path(init_from), recipe_name, smoke, overrides) if init_from else None
             out.mkdir(parents=True, exist_ok=True)
-            _create_run(recipe_name, Path(data), out, fold, folds, smoke, overrides, seed, progress, init)
+            _create_run(recipe_name, Path(data), out, fold, folds, smoke, overrides, seed, progress, init,
+                        Path(mix_data) if mix_data else None)
     barrier(dist)
     run = read_run(out)
     if recipe_name is not None and get_recipe(recipe_name)["name"] != run["recipe"]:
         raise InputError(f"{out} is a run of recipe {run['recipe']!r}, not {recipe_name!r}")
     cache = Cache(Path(run["cache"]))
+    mix = run.get("mix")
+    mix_cache = Cache(Path(mix["cache"])) if mix else None
     names = [s["name"] for s in run["resolved"]["stages"]]
     for name in stages or []:
         if name not in names:
@@ -197,12 +240,13 @@ def train_run(recipe_name: Optional[str], data: Optional[Path], out: Path, fold:
                                  "synthesis cache: did synth-preprocess make this stage's volumes?)")
             train_records.append(t)
             val_records.append(v)
+        mix_sources = [_mix_source(mix_cache, mix, stage["name"], phase) for phase in stage["phases"]]
         init = (run.get("init_from") or {}).get("stages", {}).get(stage["name"])
         if init and not resume_from_checkpoint(out / stage["name"], resume):
             _check_unchanged(Path(init["file"]), init["sha256"])
         trainer = StageTrainer(out / stage["name"], stage, folders, train_records, val_records, dev,
                                seed=run["seed"] * 1000 + i, workers=workers, hooks=hooks, progress=progress, dist=dist,
-                               init_weights=Path(init["file"]) if init else None)
+                               init_weights=Path(init["file"]) if init else None, mix_sources=mix_sources)
         summaries[stage["name"]] = trainer.fit(max_epochs=max_epochs, resume=resume, max_minutes=max_minutes)
     if dist is not None:
         import torch.distributed as tdist

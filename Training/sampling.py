@@ -209,17 +209,33 @@ def is_hard_case(info: dict, low_contrast_hu: float = 30.0) -> bool:
 
 class BatchDataset:
     """Map-style dataset over ``keys`` = [(epoch, iteration)] for ``torch.utils.data.DataLoader(batch_size=None)``;
-    item i is the sampler's batch for ``keys[i]`` as tensors."""
+    item i is ``(x, y, iteration, source)``: the batch for ``keys[i]`` as tensors and which sampler made it.
 
-    def __init__(self, sampler: PatchSampler, keys: Sequence[tuple[int, int]], rank: int = 0):
+    ``mix``: an optional second sampler whose batch replaces the first's with probability ``mix_fraction``
+    (drawn per key from ``seed``, so the choice is reproducible and the same on every rank); ``source`` is 0 for
+    ``sampler``, 1 for ``mix``."""
+
+    def __init__(self, sampler: PatchSampler, keys: Sequence[tuple[int, int]], rank: int = 0,
+                 mix: Optional[PatchSampler] = None, mix_fraction: float = 0.0, seed: int = 0):
+        if mix is not None and not 0.0 < float(mix_fraction) < 1.0:
+            raise ValueError(f"a mixed-in training source needs a fraction in (0, 1), got {mix_fraction}")
         self.sampler, self.keys, self.rank = sampler, list(keys), int(rank)
+        self.mix, self.mix_fraction, self.seed = mix, float(mix_fraction), int(seed)
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def source_of(self, epoch: int, iteration: int) -> int:
+        """0 (the main sampler) or 1 (the mixed-in one) for the batch of ``(epoch, iteration)``."""
+        if self.mix is None:
+            return 0
+        u = np.random.default_rng([self.seed, 7, int(epoch), int(iteration)]).random()
+        return int(u < self.mix_fraction)
 
     def __getitem__(self, i: int):
         import torch
 
         epoch, iteration = self.keys[i]
-        x, y = self.sampler.batch(epoch, iteration, self.rank)
-        return torch.from_numpy(x), torch.from_numpy(y), int(iteration)
+        source = self.source_of(epoch, iteration)
+        x, y = (self.mix if source else self.sampler).batch(epoch, iteration, self.rank)
+        return torch.from_numpy(x), torch.from_numpy(y), int(iteration), source

@@ -103,13 +103,17 @@ class StageTrainer:
     :func:`Training.recipes.resolve`; ``folders[p]``: the cache folder of phase p;
     ``train_records[p]`` / ``val_records[p]``: that folder's volume records for the training and
     validation cases; ``device``: a torch device; ``seed``: everything random derives from it.
+    ``mix_sources[p]``: ``(folder, records)`` of a second cache (CT images) that phase p mixes in by batch when its
+    training settings have ``mix`` {``fraction``, ``augmentation``} (e.g. rendered phantoms beside a synthesis cache).
     """
 
     def __init__(self, out_dir: Path, stage: dict, folders: Sequence[Path], train_records: Sequence[list],
                  val_records: Sequence[list], device: torch.device, seed: int = 0, workers: int = 0,
                  hooks: Sequence[Hook] = (), progress: Optional[Callable[[int, int, str], None]] = None,
-                 dist: Optional[DistInfo] = None, init_weights: Optional[Path] = None):
+                 dist: Optional[DistInfo] = None, init_weights: Optional[Path] = None,
+                 mix_sources: Optional[Sequence[Optional[tuple]]] = None):
         self.out = Path(out_dir)
+        self.mix_sources = list(mix_sources) if mix_sources else [None] * len(stage["phases"])
         self.init_weights = Path(init_weights) if init_weights else None
         self.stage = stage
         self.name = stage["name"]
@@ -169,6 +173,22 @@ class StageTrainer:
         spacing = [1.0 if s is None else float(s) for s in m["spacing_mm"]]
         self.augmenter = Augmenter(t.get("augmentation") or {}, spacing, self.spatial_dims, self.pad_value,
                                    self.in_channels, norm.scale, norm)
+        self.mix = None
+        spec = t.get("mix")
+        if spec:
+            if self.mix_sources[p] is None:
+                raise ValueError(f"stage {self.name!r} mixes in a second training source (training.mix): give its cache "
+                                 "with train --mix-data")
+            folder, records = self.mix_sources[p]
+            mix_training = dict(t, augmentation=spec.get("augmentation") or {})
+            # its own sampler seed: the two sources must not draw the same patch positions
+            sampler = PatchSampler(folder, records, patch, mix_training, self.pad_value, len(m["classes"]),
+                                   _seed_int(self.seed, 3), p)
+            augmenter = Augmenter(spec.get("augmentation") or {}, spacing, self.spatial_dims, self.pad_value,
+                                  self.in_channels, norm.scale, norm)
+            if augmenter.synthesizer is not None:
+                raise ValueError("training.mix.augmentation must not synthesize: the mixed-in source holds CT images")
+            self.mix = (float(spec["fraction"]), sampler, augmenter)
 
     # -- checkpoints ----------------------------------------------------------------------------------
     @property
@@ -297,15 +317,17 @@ class StageTrainer:
     def _train_epoch(self, epoch_in_phase: int) -> float:
         iterations = self.sampler.iterations_per_epoch()
         keys = [(self.epoch, it) for it in range(iterations)]
-        loader = torch.utils.data.DataLoader(BatchDataset(self.sampler, keys, self.rank), batch_size=None, shuffle=False,
+        fraction, mix_sampler, mix_augmenter = self.mix or (0.0, None, None)
+        dataset = BatchDataset(self.sampler, keys, self.rank, mix_sampler, fraction, _seed_int(self.seed, self.phase, 4))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
                                              num_workers=self.workers, pin_memory=self.device.type == "cuda")
         self.model.train()
         losses = []
-        for x, y, it in loader:
+        for x, y, it, source in loader:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             gen = torch.Generator().manual_seed(_seed_int(self.seed, self.phase, self.epoch, it, self.rank, 2))
-            x, y = self.augmenter(x, y, gen)
+            x, y = (mix_augmenter if int(source) else self.augmenter)(x, y, gen)
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
                 out = self.model(x)
             loss = self.loss_fn(out, y.long(), self.epoch)
