@@ -11,26 +11,15 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
+
+from .metrics import kits_dice
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SAMPLE_CT = DATA_DIR / "sample_ct.nii.gz"
 SAMPLE_TRUTH = DATA_DIR / "sample_labels.nii.gz"
 
 logger = logging.getLogger(__name__)
-
-
-def kits_dice(prediction: np.ndarray, truth: np.ndarray) -> dict:
-    """KiTS19 metrics: kidney Dice (kidney + lesions together), tumor Dice, and their mean."""
-
-    def dice(a, b):
-        denom = a.sum() + b.sum()
-        return 1.0 if denom == 0 else float(2.0 * np.logical_and(a, b).sum() / denom)
-
-    kidney = dice(prediction > 0, truth > 0)
-    tumor = dice(prediction == 2, truth == 2)
-    return {"kidney_dice": kidney, "tumor_dice": tumor, "mean_dice": (kidney + tumor) / 2}
 
 
 def run_demo(output: Path, device: str = "auto", overwrite: bool = False) -> int:

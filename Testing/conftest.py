@@ -114,7 +114,3 @@ def ct_from_labels(labels: sitk.Image) -> sitk.Image:
     return ct
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    denom = a.sum() + b.sum()
-    return 1.0 if denom == 0 else 2.0 * np.logical_and(a, b).sum() / denom

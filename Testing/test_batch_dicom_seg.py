@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - depends on the machine
         raise
     pytest.skip("needs the [test] extra (slicer-core, vtk, highdicom)", allow_module_level=True)
 
-from conftest import REPO, dice
+from conftest import REPO
 from dicom_helpers import write_ct_series
 
 for path in (str(Path(__file__).resolve().parent / "slicer_app_shim"), str(REPO / "KidneyTumorSeg")):
@@ -43,6 +43,7 @@ from KidneyTumorSegHelpers.logic import KidneyTumorSegLogic  # noqa: E402
 
 from KidneyTumorSegLib import dicom  # noqa: E402
 from KidneyTumorSegLib.demo import SAMPLE_CT, SAMPLE_TRUTH  # noqa: E402
+from KidneyTumorSegLib.metrics import dice  # noqa: E402
 from KidneyTumorSegLib.models import load_package  # noqa: E402
 
 

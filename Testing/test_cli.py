@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import classifier_manifest, ct_from_labels, dice, save_test_package
+from conftest import classifier_manifest, ct_from_labels, save_test_package
 from KidneyTumorSegLib.cli import main
+from KidneyTumorSegLib.metrics import dice
 from Training.phantoms import procedural_labels
 
 

@@ -20,10 +20,11 @@ except ImportError:  # pragma: no cover - depends on the machine
         raise
     pytest.skip("DICOM output needs the [dicom] extra: pip install \".[dicom]\"", allow_module_level=True)
 
-from conftest import REPO, classifier_manifest, ct_from_labels, dice, save_test_package
+from conftest import REPO, classifier_manifest, ct_from_labels, save_test_package
 from dicom_helpers import repaired_copy, tree_digest, write_ct_series
 from KidneyTumorSegLib import dicom
 from KidneyTumorSegLib.cli import main
+from KidneyTumorSegLib.metrics import dice
 from Training.phantoms import procedural_labels
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"

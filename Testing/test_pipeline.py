@@ -13,8 +13,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import TEST_HU, classifier_manifest, ct_from_labels, dice, normalized, save_test_package, window_vb
+from conftest import TEST_HU, classifier_manifest, ct_from_labels, normalized, save_test_package, window_vb
 from KidneyTumorSegLib.errors import CancelledError
+from KidneyTumorSegLib.metrics import dice
 from KidneyTumorSegLib.networks import _REGISTRY, register
 from KidneyTumorSegLib.pipeline import Segmenter, stage_input_channels
 from KidneyTumorSegLib.predictor import StagePredictor

@@ -19,6 +19,7 @@ from KidneyTumorSegLib import pipeline
 from KidneyTumorSegLib.anatomy import PlausibilityConfig, estimate_landmarks, judge_components
 from KidneyTumorSegLib.labels import connected_components
 from KidneyTumorSegLib.manifest import ModelManifest
+from KidneyTumorSegLib.metrics import dice
 from KidneyTumorSegLib.networks import _REGISTRY, register
 from KidneyTumorSegLib.pipeline import Segmenter, StageOutput, stage_regions
 from KidneyTumorSegLib.postprocessing import PostprocessingConfig, postprocess
@@ -125,10 +126,6 @@ def with_checksums(manifest):
         for w in stage["weights"]:
             w["sha256"] = "0" * 64
     return manifest
-
-
-def dice(a, b):
-    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
 # ------------------------------------------------------------------------------- landmarks

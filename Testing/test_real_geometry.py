@@ -8,9 +8,10 @@ working grids, regions, paste-back, writing - puts every voxel back where it bel
 import numpy as np
 import SimpleITK as sitk
 
-from conftest import ct_from_labels, dice
+from conftest import ct_from_labels
 from KidneyTumorSegLib.cli import main
 from KidneyTumorSegLib.imageio import read_image
+from KidneyTumorSegLib.metrics import dice
 from KidneyTumorSegLib.pipeline import Segmenter
 
 

@@ -1,6 +1,7 @@
 """KiTS19 evaluation metrics, computed in physical space.
 
-* Dice of binary masks; both empty scores 1 (nothing to find, nothing found).
+* Dice and the KiTS19 structures are the library's (:mod:`KidneyTumorSegLib.metrics`, re-exported
+  here): both empty scores 1; "kidney" = every non-background label (cyst included), "tumor" = label 2.
 * Surface distances: the surface of a mask is its voxels with a face neighbour outside it
   (the volume is padded by one background voxel first, so a mask touching the image border
   has a surface there). Distances are Euclidean in millimetres between voxel centres, via
@@ -12,8 +13,6 @@
   surface-element areas): (#prediction-surface voxels within tau of the truth surface +
   #truth-surface voxels within tau of the prediction surface) / (#both surfaces).
   Both empty: 1; one empty: 0.
-* KiTS19 structures: "kidney" = every non-background label (kidney + tumor, and cyst, which
-  KiTS19 counts as kidney), "tumor" = label 2.
 
 Work is cropped to the union bounding box of both masks (plus one voxel), which keeps the
 distances exact: the nearest surface voxel of either mask lies inside that box.
@@ -26,19 +25,14 @@ import math
 import numpy as np
 import SimpleITK as sitk
 
-from KidneyTumorSegLib.labels import TUMOR
+from KidneyTumorSegLib.labels import KIDNEY, TUMOR
+from KidneyTumorSegLib.metrics import KITS_STRUCTURES as STRUCTURES
+from KidneyTumorSegLib.metrics import dice, kits_dice, kits_masks
+
+__all__ = ["SURFACE_TOLERANCE_MM", "STRUCTURES", "dice", "hd95", "kits_metrics", "structure_masks", "surface_dice",
+           "surface_distances"]
 
 SURFACE_TOLERANCE_MM = 2.0
-STRUCTURES = ("kidney", "tumor")
-
-
-def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two boolean arrays of the same shape; 1.0 when both are empty."""
-    a, b = np.asarray(prediction, bool), np.asarray(truth, bool)
-    if a.shape != b.shape:
-        raise ValueError(f"masks differ in shape: {a.shape} vs {b.shape}")
-    denom = int(a.sum()) + int(b.sum())
-    return 1.0 if denom == 0 else 2.0 * int(np.logical_and(a, b).sum()) / denom
 
 
 def _crop_box(a: np.ndarray, b: np.ndarray):
@@ -117,12 +111,11 @@ def kits_metrics(prediction: sitk.Image, truth: sitk.Image, tolerance_mm: float 
     p = sitk.GetArrayViewFromImage(prediction)
     t = sitk.GetArrayViewFromImage(truth)
     spacing = truth.GetSpacing()
-    out = {}
-    for name, (pm, tm) in {"kidney": (p > 0, t > 0), "tumor": (p == TUMOR, t == TUMOR)}.items():
-        out[f"{name}_dice"] = dice(pm, tm)
-        out[f"{name}_hd95_mm"] = hd95(pm, tm, spacing)
-        out[f"{name}_surface_dice"] = surface_dice(pm, tm, spacing, tolerance_mm)
-    out["mean_dice"] = (out["kidney_dice"] + out["tumor_dice"]) / 2.0
+    out = kits_dice(p, t)
+    pk, tk = kits_masks(p), kits_masks(t)
+    for name in STRUCTURES:
+        out[f"{name}_hd95_mm"] = hd95(pk[name], tk[name], spacing)
+        out[f"{name}_surface_dice"] = surface_dice(pk[name], tk[name], spacing, tolerance_mm)
     return out
 
 
@@ -131,9 +124,6 @@ def structure_masks(prediction: np.ndarray, truth: np.ndarray, label_values) -> 
     structures a stage predicting ``label_values`` can show: kidney (all non-background) needs kidney (1)
     among them, tumor needs tumor (2)."""
     values = set(int(v) for v in label_values)
-    out = {}
-    if 1 in values:
-        out["kidney"] = (prediction > 0, truth > 0)
-    if TUMOR in values:
-        out["tumor"] = (prediction == TUMOR, truth == TUMOR)
-    return out
+    shown = {"kidney": KIDNEY in values, "tumor": TUMOR in values}
+    p, t = kits_masks(prediction), kits_masks(truth)
+    return {name: (p[name], t[name]) for name in STRUCTURES if shown[name]}

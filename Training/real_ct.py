@@ -43,7 +43,7 @@ def check_scan(scan: str, folder: Path, segmenter) -> dict:
     """Segment one real scan with ``segmenter`` (a :class:`KidneyTumorSegLib.pipeline.Segmenter`) and score it."""
     from KidneyTumorSegLib.imageio import read_image
     from KidneyTumorSegLib.labels import CYST, TUMOR, voxel_volume_mm3
-    from Training.metrics import dice
+    from KidneyTumorSegLib.metrics import dice
 
     path, right, left = reference_masks(scan, folder)
     ct = read_image(path)

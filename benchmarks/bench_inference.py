@@ -134,12 +134,13 @@ def main(argv=None) -> int:
                       coarse_everywhere=args.coarse_everywhere, variant=args.variant)
         print(json.dumps(result))
         import SimpleITK as sitk
-        import numpy as np
+
+        from KidneyTumorSegLib.metrics import kits_dice
 
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(cache / f"phantom_{key}_labels.nii.gz")))
         pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
-        kd = 2 * np.logical_and(pred > 0, truth > 0).sum() / max(1, (pred > 0).sum() + (truth > 0).sum())
-        td = 2 * np.logical_and(pred == 2, truth == 2).sum() / max(1, (pred == 2).sum() + (truth == 2).sum())
+        scores = kits_dice(pred, truth)
+        kd, td = scores["kidney_dice"], scores["tumor_dice"]
         stages = ", ".join(f"{k} {v:.1f}" for k, v in result["stages_s"].items() if k != "total")
         print(f"| {result['voxels']} @ {'x'.join(map(str, SIZES[key][1]))} mm | {result['stages_s']['total']:.1f} | "
               f"{result['read_s']:.1f} | {result['write_s']:.1f} | {stages} | {result['peak_rss_mb']:.0f} | {kd:.3f} / {td:.3f} |")
