@@ -23,6 +23,8 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .runcontrol import ProgressPrinter
+
 logger = logging.getLogger("KidneyTumorSegLib")
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 130, 143
@@ -31,28 +33,6 @@ EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 130, 143
 class Terminated(KeyboardInterrupt):
     """Raised in the main thread on SIGTERM (what schedulers send): handled like Ctrl-C, so
     every ``finally`` and cleanup runs and no temporary file is left."""
-
-
-class _ProgressPrinter:
-    """Progress on stderr: a redrawn bar on a terminal, a line per step otherwise, or JSON lines."""
-
-    def __init__(self, mode: str, prefix: str = ""):
-        self.mode, self.prefix = mode, prefix
-        self.tty = sys.stderr.isatty()
-        self._last_message, self._last_percent = None, -1
-
-    def __call__(self, fraction: float, message: str) -> None:
-        percent = int(round(100 * fraction))
-        if self.mode == "json":
-            print(json.dumps({"progress": round(fraction, 4), "message": message}), file=sys.stderr, flush=True)
-        elif self.mode == "bar" and self.tty:
-            bar = "#" * (percent // 4) + "." * (25 - percent // 4)
-            print(f"\r{self.prefix}[{bar}] {percent:3d}% {message:<40.40}", end="", file=sys.stderr, flush=True)
-            if fraction >= 1.0:
-                print(file=sys.stderr)
-        elif self.mode == "bar" and (message != self._last_message or percent >= self._last_percent + 25):
-            print(f"{self.prefix}{percent:3d}% {message}", file=sys.stderr, flush=True)
-        self._last_message, self._last_percent = message, percent
 
 
 def _output_plan(inputs: Sequence[str], output: str) -> list[tuple[Path, Path]]:
@@ -126,32 +106,10 @@ def _check_paths_distinct(inputs: Sequence[Path], outputs: Sequence[tuple[Path, 
                 raise OutputError(f"{out} is both the {other_role} and the {role}; choose distinct paths")
 
 
-def _summarize(stats: dict) -> str:
-    def ml(v: float) -> str:
-        return f"{v:.1f} mL" if v >= 1 or v == 0 else f"{v:.2g} mL"
-
-    parts = []
-    kidneys = stats.get("kidneys", [])
-    sides = [k["side"] for k in kidneys]
-    seen = {}
-    for k in kidneys:
-        side = k["side"]
-        seen[side] = seen.get(side, 0) + 1
-        name = f"{side} kidney" if sides.count(side) == 1 else f"{side} kidney component {seen[side]} of {sides.count(side)}"
-        parts.append(f"{name} {ml(k['volume_ml'])}")
-    t = stats.get("tumors", {})
-    if t.get("count"):
-        parts.append(f"{t['count']} tumor(s) {ml(t['total_volume_ml'])}, largest diameter {t['largest_diameter_mm']:.1f} mm")
-    c = stats.get("cysts", {})
-    if c.get("count"):
-        parts.append(f"{c['count']} cyst(s) {ml(c['total_volume_ml'])}")
-    return "; ".join(parts) if parts else "no kidney found"
-
-
 def _segment_image(segmenter, image, args, prefix: str = ""):
     """Segment one CT (shared by ``segment`` and ``pacs``): :meth:`Segmenter.segment` is the one
     validating entry (CT check, ``--force``, memory against the model's stage grids)."""
-    progress = None if args.quiet and args.progress == "bar" else _ProgressPrinter(args.progress, prefix)
+    progress = None if args.quiet and args.progress == "bar" else ProgressPrinter(args.progress, prefix)
     return segmenter.segment(image, progress=progress, force=args.force)
 
 
@@ -201,6 +159,7 @@ def cmd_segment(args) -> int:
     from .errors import InputError, KidneyTumorSegError
     from .imageio import (check_output_writable, image_suffix, read_image, remove_stale_temp_files,
                           write_image_atomic, write_json_atomic)
+    from .measurements import summarize
     from .models import load_package
     from .pipeline import Segmenter
 
@@ -280,7 +239,7 @@ def cmd_segment(args) -> int:
         if not args.quiet:
             notes = f" ({'; '.join(result.notes)})" if result.notes else ""
             also = f" + {sr_out}" if sr_out is not None else ""
-            print(f"{prefix}{case} -> {out}{also} in {time.perf_counter() - start:.1f} s: {_summarize(result.stats)}{notes}")
+            print(f"{prefix}{case} -> {out}{also} in {time.perf_counter() - start:.1f} s: {summarize(result.stats)}{notes}")
     if batch:
         print(f"{len(cases) - len(failures)} of {len(cases)} cases segmented" + (f"; failed: {', '.join(map(str, failures))}" if failures else ""))
     return EXIT_FAILED if failures else EXIT_OK
@@ -293,6 +252,7 @@ def cmd_pacs(args) -> int:
     from .dicomweb import Pacs, read_credentials
     from .errors import InputError
     from .imageio import read_image
+    from .measurements import summarize
     from .models import load_package
     from .pipeline import Segmenter
 
@@ -317,7 +277,7 @@ def cmd_pacs(args) -> int:
         stored = f"SEG {seg.SOPInstanceUID}" + (f" and SR {report.SOPInstanceUID}" if report is not None else "")
         notes = f" ({'; '.join(result.notes)})" if result.notes else ""
         print(f"series {series_uid} -> stored {stored} in study {args.study} on {pacs.url} "
-              f"in {time.perf_counter() - start:.1f} s: {_summarize(result.stats)}{notes}")
+              f"in {time.perf_counter() - start:.1f} s: {summarize(result.stats)}{notes}")
     return EXIT_OK
 
 
@@ -334,7 +294,7 @@ def cmd_models(args) -> int:
                 print(f"{i.name} {i.version} [{i.source}]{flag}\n    {i.description}\n    intended use: {i.intended_use}\n    {i.path}")
             print(f"installed models folder: {user_models_dir()}")
         return EXIT_OK
-    printer = _ProgressPrinter("bar")
+    printer = ProgressPrinter("bar")
     info = install_model(args.source, sha256=args.sha256, overwrite=args.overwrite,
                          progress=lambda done, total: printer(done / total if total else 0.0, f"{done / 1e6:.1f} MB"))
     print(f"installed {info.name} {info.version} into {info.path}")

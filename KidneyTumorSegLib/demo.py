@@ -24,12 +24,13 @@ logger = logging.getLogger(__name__)
 
 def run_demo(output: Path, device: str = "auto", overwrite: bool = False) -> int:
     """Segment the bundled sample; returns the exit code."""
-    from .cli import _ProgressPrinter, _summarize
     from .errors import InputError
     from .imageio import check_output_writable, read_image, write_image_atomic, write_json_atomic
+    from .measurements import summarize
     from .models import load_package
     from .overview import write_overview_png
     from .pipeline import Segmenter
+    from .runcontrol import ProgressPrinter
 
     if not SAMPLE_CT.is_file():
         raise InputError(f"the bundled sample CT is missing: {SAMPLE_CT} (reinstall kidney-tumor-seg)")
@@ -41,7 +42,7 @@ def run_demo(output: Path, device: str = "auto", overwrite: bool = False) -> int
     truth = read_image(SAMPLE_TRUTH)
     package = load_package(None)
     print(f"model: {package.manifest.name} {package.manifest.version} - {package.manifest.intended_use}")
-    result = Segmenter(package, device=device).segment(ct, progress=_ProgressPrinter("bar"))
+    result = Segmenter(package, device=device).segment(ct, progress=ProgressPrinter("bar"))
     write_image_atomic(result.labels, seg_path, overwrite=overwrite)
     metrics = kits_dice(sitk.GetArrayViewFromImage(result.labels), sitk.GetArrayViewFromImage(truth))
     write_json_atomic({"input": str(SAMPLE_CT), "model": result.model_name, "device": result.device,
@@ -49,7 +50,7 @@ def run_demo(output: Path, device: str = "auto", overwrite: bool = False) -> int
     write_overview_png(ct, result.labels, png_path, truth=truth)
     print(f"segmented {SAMPLE_CT.name} ({'x'.join(map(str, ct.GetSize()))} voxels) on {result.device} "
           f"in {result.timings['total']:.1f} s")
-    print(f"measurements: {_summarize(result.stats)}")
+    print(f"measurements: {summarize(result.stats)}")
     for note in result.notes:
         print(f"note: {note}")
     print(f"Dice vs the sample's truth: kidney {metrics['kidney_dice']:.3f}, tumor {metrics['tumor_dice']:.3f}")

@@ -109,6 +109,31 @@ def measure(labels: sitk.Image) -> dict:
     return _result(kidneys, lesions[TUMOR], lesions[CYST], present, midline)
 
 
+def summarize(stats: dict) -> str:
+    """One line of :func:`measure`'s result for people: per kidney its side and volume, tumors' count,
+    volume and largest diameter, cysts' count and volume ("no kidney found" when empty)."""
+    def ml(v: float) -> str:
+        # two significant digits below 1 mL, so a small component does not read "0.0 mL"
+        return f"{v:.1f} mL" if v >= 1 or v == 0 else f"{v:.2g} mL"
+
+    parts = []
+    kidneys = stats.get("kidneys", [])
+    sides = [k["side"] for k in kidneys]
+    seen = {}
+    for k in kidneys:
+        side = k["side"]
+        seen[side] = seen.get(side, 0) + 1
+        name = f"{side} kidney" if sides.count(side) == 1 else f"{side} kidney component {seen[side]} of {sides.count(side)}"
+        parts.append(f"{name} {ml(k['volume_ml'])}")
+    t = stats.get("tumors", {})
+    if t.get("count"):
+        parts.append(f"{t['count']} tumor(s) {ml(t['total_volume_ml'])}, largest diameter {t['largest_diameter_mm']:.1f} mm")
+    c = stats.get("cysts", {})
+    if c.get("count"):
+        parts.append(f"{c['count']} cyst(s) {ml(c['total_volume_ml'])}")
+    return "; ".join(parts) if parts else "no kidney found"
+
+
 def feret_diameter_mm(mask: np.ndarray, index_to_mm: np.ndarray) -> float:
     """3D Feret diameter of a boolean (z, y, x) mask: max distance between voxel centres in mm.
 

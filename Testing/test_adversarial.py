@@ -39,11 +39,12 @@ import SimpleITK as sitk
 
 from conftest import REPO, classifier_manifest, ct_from_labels, save_test_package
 from KidneyTumorSegLib import imageio, validation
-from KidneyTumorSegLib.cli import _summarize, main
+from KidneyTumorSegLib.cli import main
 from KidneyTumorSegLib.errors import (CancelledError, InputError, InsufficientMemoryError, KidneyTumorSegError,
                                       ModelPackageError, OutputError)
 from KidneyTumorSegLib.imageio import ImageInfo, write_image_atomic, write_json_atomic
 from KidneyTumorSegLib.manifest import ModelManifest
+from KidneyTumorSegLib.measurements import summarize
 from KidneyTumorSegLib.models import install_model
 from KidneyTumorSegLib.pipeline import Segmenter
 from Training.phantoms import procedural_labels
@@ -619,7 +620,7 @@ def test_the_unsafe_pickle_error_never_advises_weights_only_false(tmp_path):
 
 def test_the_summary_tells_same_side_components_apart():
     kidney = {"side": "right", "volume_ml": 0.004, "tumor_volume_ml": 0.0, "cyst_volume_ml": 0.0}
-    text = _summarize({"kidneys": [kidney, dict(kidney, volume_ml=0.0031)], "tumors": {"count": 0}, "cysts": {"count": 0}})
+    text = summarize({"kidneys": [kidney, dict(kidney, volume_ml=0.0031)], "tumors": {"count": 0}, "cysts": {"count": 0}})
     parts = text.split("; ")
     assert len(set(parts)) == 2 and "0.0 mL" not in text, text
 
