@@ -1465,12 +1465,15 @@ def test_module_metadata(scene):
     assert parent.icon is not None and parent.icon.path.endswith("KidneyTumorSeg.png")
 
 
-def test_self_test_phantom_has_kidneys_and_a_tumor():
-    ct, truth = KidneyTumorSeg.makePhantomCT()
-    assert ct.dtype == np.int16 and ct.shape == truth.shape
-    assert ct.min() < -900 and ct.max() > 300
-    assert (truth == 1).sum() > 5000 and (truth == 2).sum() > 1000
-    assert 150 < ct[truth == 1].mean() < 200 and 70 < ct[truth == 2].mean() < 110
+def test_self_test_segments_the_library_sample_and_says_when_it_is_missing(scene, monkeypatch, tmp_path):
+    """The self-test has one input, the library's bundled sample (always installed with it): a missing
+    one is a broken installation, named, not a reason to test on something else."""
+    import KidneyTumorSegLib.demo as demo
+
+    monkeypatch.setattr(demo, "SAMPLE_CT", tmp_path / "sample_ct.nii.gz")
+    with pytest.raises(AssertionError, match="bundled sample .*sample_ct.nii.gz is missing"):
+        KidneyTumorSeg.KidneyTumorSegTest().test_SegmentPhantom()
+    assert not hasattr(KidneyTumorSeg, "makePhantomCT")
 
 
 def test_the_stand_in_rejects_names_slicer_does_not_have(scene):
@@ -1547,6 +1550,9 @@ def test_self_test_and_plain_python_batch_mode_on_the_bundled_sample(scene, tmp_
         test.runTest()
         segmentationNode, volumeNode, stats = test.segmentationNode, test.volumeNode, test.stats
         assert slicer.mrmlScene.IsNodePresent(segmentationNode)
+        # The library's KiTS19 kidney Dice of what the demo segments (test_default_model.py's floor): the
+        # self-test's own bar (0.5) is loose so that it holds for any installed model.
+        assert test.kidneyDice >= 0.95, test.kidneyDice
         inApplication = tmp_path / "in_application.seg.nrrd"
         batch.writeSegmentation(segmentationNode, str(inApplication))
         output, _ = batchRun.communicate(timeout=300)
