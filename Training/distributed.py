@@ -54,13 +54,3 @@ def barrier(info: Optional[DistInfo]) -> None:
 
         dist.barrier()
 
-
-def broadcast_flag(flag: bool, info: Optional[DistInfo], device: torch.device) -> bool:
-    """Rank 0's ``flag`` on every process."""
-    if info is None:
-        return flag
-    import torch.distributed as dist
-
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)
-    dist.broadcast(t, 0)
-    return bool(t.item())

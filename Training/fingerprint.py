@@ -112,15 +112,3 @@ def write_fingerprint(fingerprint: dict, path: Path) -> None:
     tmp.write_text(json.dumps(fingerprint, indent=2) + "\n")
     tmp.replace(path)
 
-
-def read_fingerprint(path: Path) -> dict:
-    """Read a fingerprint written by :func:`write_fingerprint`."""
-    from KidneyTumorSegLib.errors import InputError
-
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read the fingerprint {path}: {exc}") from None
-    if data.get("version") != FINGERPRINT_VERSION:
-        raise InputError(f"{path}: fingerprint version {data.get('version')!r}, expected {FINGERPRINT_VERSION}")
-    return data
