@@ -221,7 +221,9 @@ def _blend(inputs, predictor, windows, weights, margin, num_outputs, fallback: _
         ran_out = False
         try:
             if on != fallback.stitch:
-                accumulated, weight_sum = _buffers_on(fallback.stitch, accumulated, weight_sum, done, num_outputs, padded)
+                if done == 0:
+                    accumulated = weight_sum = None  # nothing added yet: free them rather than copy zeros
+                accumulated, weight_sum = _buffers_on(fallback.stitch, accumulated, weight_sum, num_outputs, padded)
                 stitch_weights, on = weights.to(fallback.stitch), fallback.stitch  # from the CPU original
             batch = torch.stack([inputs[(slice(None),) + w] for w in chunk]).to(fallback.compute)
             with torch.no_grad():
@@ -248,11 +250,10 @@ def _blend(inputs, predictor, windows, weights, margin, num_outputs, fallback: _
     return accumulated, weight_sum
 
 
-def _buffers_on(device, accumulated, weight_sum, done: int, num_outputs: int, padded) -> tuple:
-    """The two stitching buffers on ``device``: new zeros while no window was added, else the old ones moved."""
-    if accumulated is not None and done > 0:
+def _buffers_on(device, accumulated, weight_sum, num_outputs: int, padded) -> tuple:
+    """The two stitching buffers moved to ``device``, or new zeros there when there are none yet."""
+    if accumulated is not None:
         return accumulated.to(device), weight_sum.to(device)
-    accumulated = weight_sum = None  # free the old ones first
     return (torch.zeros((num_outputs, *padded), dtype=torch.float32, device=device),
             torch.zeros(padded, dtype=torch.float32, device=device))
 

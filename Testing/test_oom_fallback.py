@@ -147,3 +147,23 @@ def test_segmenter_falls_back_per_call_and_says_so(tmp_path, monkeypatch):
         starts = [i for i, d in enumerate(calls) if d == PRETEND_GPU and (i == 0 or calls[i - 1] != PRETEND_GPU)]
         assert len(starts) == 3 and all(calls[i:i + 4] == [PRETEND_GPU] * 3 + [torch.device("cpu")] for i in starts)
         assert all(p.device == PRETEND_GPU for p in segmenter._predictors.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (moves stitching buffers that hold windows)")
+def test_buffers_holding_windows_move_to_the_cpu_intact():
+    """Only a real GPU can hold buffers with data off the CPU: the error comes after two batches were stitched there."""
+    x = torch.randn(1, 20, 16, 16)
+    expected = sliding_window_inference(x, window_function, (8, 8, 8), 2, batch_size=4, device="cuda")
+    calls = []
+
+    def flaky(b):
+        calls.append(b.device.type)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("fake: CUDA out of memory")
+        return window_function(b)
+
+    notes = []
+    out = sliding_window_inference(x, flaky, (8, 8, 8), 2, batch_size=4, device="cuda", notes=notes)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)  # the same sums, the last part added on the CPU
+    assert notes == ["out of memory on cuda (window batch 4): stitched on the CPU; the next call tries cuda again"]
