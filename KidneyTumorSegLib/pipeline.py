@@ -94,7 +94,10 @@ class Segmenter:
             # (x, y, z) axes -> tensor dims (W=4, H=3, D=2); 2.5D windows cannot be mirrored along z.
             dims = [4 - a for a in axes if not (two_and_half_d and a == 2)]
             self._predictors[stage.name] = StagePredictor(nets, dims, self.device)
-        return self._predictors[stage.name]
+        predictor = self._predictors[stage.name]
+        if predictor.device != self.device:  # left on the CPU by an out-of-memory fallback that could not move it back
+            predictor.to(self.device)
+        return predictor
 
     def segment(self, image: sitk.Image, progress: Optional[ProgressCallback] = None, cancel=None,
                 force: bool = False) -> SegmentationResult:
@@ -204,7 +207,7 @@ class Segmenter:
             region_span = ProgressSpan(span, i / len(boxes), (i + 1) / len(boxes),
                                        f"{stage.name} stage" + (f": region {i + 1}/{len(boxes)}" if len(boxes) > 1 else ""))
             channels = stage_input_channels(stage, self.manifest, source, grid, previous, outputs)
-            probs = self._predict(stage, predictor, channels, region_span, cancel)
+            probs = self._predict(stage, predictor, channels, region_span, cancel, notes)
             if stage.role == "localize":
                 result = StageOutput(_argmax_labels(probs, stage, grid),
                                       geo.array_to_image(np.moveaxis(probs, 0, -1), grid, is_vector=True))
@@ -214,17 +217,21 @@ class Segmenter:
             result = StageOutput(_labels_view(out, image))
         return result
 
-    def _predict(self, stage, predictor, channels: np.ndarray, span, cancel) -> np.ndarray:
+    def _predict(self, stage, predictor, channels: np.ndarray, span, cancel, notes: Optional[list] = None) -> np.ndarray:
         import torch
 
         from .sliding_window import sliding_window_inference
 
         patch = tuple(reversed(stage.patch_size))  # (x, y, z) -> tensor (D, H, W)
+        fallbacks: list = []  # what an out-of-memory error on the device made this call do
         probs = sliding_window_inference(
             torch.from_numpy(channels), predictor, patch, num_outputs=len(stage.classes), overlap=stage.overlap,
             batch_size=stage.batch_size, margin=tuple(reversed(stage.window_margin)),
             pad_value=float(stage.normalization.normalized_value(AIR_HU)),
-            device=self.device, progress=lambda f: span(f), cancel=cancel)
+            device=self.device, progress=lambda f: span(f), cancel=cancel, notes=fallbacks)
+        if notes is not None:
+            for note in fallbacks:
+                notes.append(f"stage {stage.name!r}: {note}")
         return probs.numpy()
 
 

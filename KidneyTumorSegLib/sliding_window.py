@@ -5,7 +5,8 @@ Generic over the predictor: anything mapping a batch of windows ``[B, C, *patch]
 and ensembling folded in). Windows are computed on ``device``; their outputs are
 accumulated on ``stitch_device`` into two preallocated buffers (weighted sum and sum of
 weights), so memory stays at one output volume plus one batch whatever the number of
-windows.
+windows. Out of device memory, a call stitches on the CPU, then halves its batch, then
+computes on the CPU, for that call only (:class:`_Fallback`).
 """
 
 from __future__ import annotations
@@ -58,27 +59,62 @@ def window_starts(length: int, patch: int, overlap: float) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, length - patch, n)})
 
 
-def _call_with_oom_fallback(predictor, batch: torch.Tensor, state: dict) -> torch.Tensor:
-    """Run the predictor; on CUDA out-of-memory halve the batch, then fall back to the CPU."""
-    while True:
-        try:
-            if batch.shape[0] <= state["batch_size"]:
-                return predictor(batch.to(state["device"]))
-            return torch.cat([
-                predictor(batch[i:i + state["batch_size"]].to(state["device"]))
-                for i in range(0, batch.shape[0], state["batch_size"])
-            ])
-        except torch.cuda.OutOfMemoryError:
+#: what torch raises when a device allocation fails (``torch.cuda.OutOfMemoryError`` is this class; torch < 2.5 has only that)
+OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+_CPU = torch.device("cpu")
+
+
+class _Fallback:
+    """Where one call computes and stitches and how many windows go at once, stepped down by out-of-memory errors.
+
+    Each error takes the next step: the stitching buffers to the CPU (nnU-Net's first remedy: they hold a whole
+    volume), then half the batch down to one window, then the windows to the CPU. Only this call is affected:
+    :meth:`restore` moves the predictor back, so the next call tries the GPU again.
+    """
+
+    def __init__(self, predictor, device: torch.device, stitch_device: torch.device, batch_size: int):
+        self.predictor, self.device, self.requested_batch = predictor, device, batch_size
+        self.compute, self.stitch, self.batch_size = device, stitch_device, batch_size
+        self.steps: list[str] = []
+
+    def can_step(self) -> bool:
+        """Whether a step is left to take after an out-of-memory error."""
+        return (self.stitch.type != "cpu" or self.batch_size > 1
+                or (self.compute.type != "cpu" and hasattr(self.predictor, "to")))
+
+    def step(self) -> None:
+        """Take the next step (after an out-of-memory error, once the failed attempt's tensors are freed)."""
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
-            if state["batch_size"] > 1:
-                state["batch_size"] = max(1, state["batch_size"] // 2)
-                logger.warning("CUDA out of memory: retrying with window batch size %d", state["batch_size"])
-            elif state["device"].type != "cpu" and hasattr(predictor, "to"):
-                logger.warning("CUDA out of memory with one window: continuing on the CPU (slower)")
-                state["device"] = torch.device("cpu")
-                predictor.to(state["device"])
-            else:
-                raise
+        if self.stitch.type != "cpu":
+            self.stitch = _CPU
+            self.steps.append("stitched on the CPU")
+        elif self.batch_size > 1:
+            self.batch_size = max(1, self.batch_size // 2)
+            self.steps.append(f"{self.batch_size} window{'s' if self.batch_size > 1 else ''} at a time")
+        else:
+            self.predictor.to(_CPU)
+            self.compute = _CPU
+            self.steps.append("ran on the CPU (slower)")
+        logger.warning("out of memory on %s: %s", self.device, self.steps[-1])
+
+    def restore(self) -> None:
+        """Move the predictor back to the requested device (the next call tries it again)."""
+        if self.compute == self.device:
+            return
+        try:
+            self.predictor.to(self.device)
+        except OutOfMemory:  # the caller moves it back before its next call (Segmenter._predictor)
+            logger.warning("could not move the predictor back to %s (out of memory); it stays on the CPU", self.device)
+            return
+        self.compute = self.device
+
+    def note(self) -> Optional[str]:
+        """One line on what this call did, or None when nothing ran out of memory."""
+        if not self.steps:
+            return None
+        return (f"out of memory on {self.device} (window batch {self.requested_batch}): "
+                f"{', then '.join(self.steps)}; the next call tries {self.device} again")
 
 
 def sliding_window_inference(
@@ -95,6 +131,7 @@ def sliding_window_inference(
     stitch_device: Optional[torch.device | str] = None,
     progress: Optional[ProgressFn] = None,
     cancel=None,
+    notes: Optional[list] = None,
 ) -> torch.Tensor:
     """Predict ``inputs`` window by window and blend the windows.
 
@@ -113,6 +150,8 @@ def sliding_window_inference(
             (default: ``device`` when the output is below 1 GiB, else the CPU).
         progress: called with the fraction of windows done; cancel: object with ``is_set()``
             or a callable returning True to stop (raises ``CancelledError``).
+        notes: a list that gets one line when this call ran out of device memory, saying what it
+            did about it (see :class:`_Fallback`; the next call tries ``device`` again).
 
     Returns:
         ``[num_outputs, *spatial]`` float32 tensor on the CPU: the weighted average of the
@@ -150,35 +189,73 @@ def sliding_window_inference(
         raise ValueError(f"overlap {overlap} is too small for margin {margin} on patch {patch}: "
                          f"the windows' cores would leave gaps (need overlap >= 2 * margin / patch)")
     weights = gaussian_weights(patch) if weighting == "gaussian" and not any(margin) else torch.ones(patch)
-    weights = weights.to(stitch_device)
-    accumulated = torch.zeros((num_outputs, *padded), dtype=torch.float32, device=stitch_device)
-    weight_sum = torch.zeros(padded, dtype=torch.float32, device=stitch_device)
-
     starts = [window_starts(L, p, overlap) for L, p in zip(padded, patch)]
     windows = [tuple(slice(s, s + p) for s, p in zip(corner, patch)) for corner in itertools.product(*starts)]
-    state = {"batch_size": max(1, int(batch_size)), "device": device}
+    fallback = _Fallback(predictor, device, stitch_device, max(1, int(batch_size)))
+    try:
+        accumulated, weight_sum = _blend(inputs, predictor, windows, weights, margin, num_outputs, fallback, progress, cancel)
+    finally:
+        fallback.restore()
+    if notes is not None and fallback.note():
+        notes.append(fallback.note())
+    accumulated /= weight_sum
+    crop = tuple(slice(b, b + s) for b, s in zip(pad_before, spatial))
+    return accumulated[(slice(None),) + crop].cpu()
+
+
+def _blend(inputs, predictor, windows, weights, margin, num_outputs, fallback: _Fallback, progress, cancel):
+    """The weighted sum of the window outputs and the sum of weights, on ``fallback.stitch``.
+
+    A batch that runs out of memory is retried after the fallback's next step; nothing is added to the
+    buffers before the batch's contributions exist, so a retry never counts a window twice.
+    """
+    padded = tuple(inputs.shape[1:])
+    patch = tuple(s.stop - s.start for s in windows[0])
+    accumulated = weight_sum = None
+    on = None  # where the buffers and weights are (tracked: a tensor says cuda:0 where the caller said cuda)
     done = 0
     while done < len(windows):
         if is_cancelled(cancel):
             raise CancelledError("cancelled by the caller")
-        # the batch size may shrink after a CUDA out-of-memory error, so slice as we go
-        chunk = windows[done:done + state["batch_size"]]
-        batch = torch.stack([inputs[(slice(None),) + w] for w in chunk])
-        with torch.no_grad():
-            out = _call_with_oom_fallback(predictor, batch, state)
-        out = out.to(stitch_device, dtype=torch.float32)
-        if tuple(out.shape[1:]) != (num_outputs, *patch):
-            raise ValueError(f"predictor returned shape {tuple(out.shape)}, expected [B, {num_outputs}, {', '.join(map(str, patch))}]")
-        for k, w in enumerate(chunk):
-            wk = weights if not any(margin) else _core_weights(w, margin, padded, stitch_device)
-            accumulated[(slice(None),) + w] += out[k] * wk
+        chunk = windows[done:done + fallback.batch_size]  # the batch may shrink after an out-of-memory error
+        ran_out = False
+        try:
+            if on != fallback.stitch:
+                if done == 0:
+                    accumulated = weight_sum = None  # nothing added yet: free them rather than copy zeros
+                accumulated, weight_sum = _buffers_on(fallback.stitch, accumulated, weight_sum, num_outputs, padded)
+                stitch_weights, on = weights.to(fallback.stitch), fallback.stitch  # from the CPU original
+            batch = torch.stack([inputs[(slice(None),) + w] for w in chunk]).to(fallback.compute)
+            with torch.no_grad():
+                out = predictor(batch)
+            out = out.to(fallback.stitch, dtype=torch.float32)
+            if tuple(out.shape[1:]) != (num_outputs, *patch):
+                raise ValueError(f"predictor returned shape {tuple(out.shape)}, expected [B, {num_outputs}, {', '.join(map(str, patch))}]")
+            window_weights = [stitch_weights if not any(margin) else _core_weights(w, margin, padded, fallback.stitch) for w in chunk]
+            contributions = [out[k] * wk for k, wk in enumerate(window_weights)]
+        except OutOfMemory:
+            if not fallback.can_step():
+                raise
+            ran_out = True  # the next step is taken below, once the failed attempt's tensors are freed
+        if ran_out:
+            batch = out = window_weights = contributions = None
+            fallback.step()
+            continue
+        for w, contribution, wk in zip(chunk, contributions, window_weights):
+            accumulated[(slice(None),) + w] += contribution
             weight_sum[w] += wk
         done += len(chunk)
         if progress is not None:
             progress(done / len(windows))
-    accumulated /= weight_sum
-    crop = tuple(slice(b, b + s) for b, s in zip(pad_before, spatial))
-    return accumulated[(slice(None),) + crop].cpu()
+    return accumulated, weight_sum
+
+
+def _buffers_on(device, accumulated, weight_sum, num_outputs: int, padded) -> tuple:
+    """The two stitching buffers moved to ``device``, or new zeros there when there are none yet."""
+    if accumulated is not None:
+        return accumulated.to(device), weight_sum.to(device)
+    return (torch.zeros((num_outputs, *padded), dtype=torch.float32, device=device),
+            torch.zeros(padded, dtype=torch.float32, device=device))
 
 
 def _core_weights(window, margin, volume_shape, device) -> torch.Tensor:

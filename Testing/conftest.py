@@ -23,9 +23,18 @@ TEST_HU = {0: -100.0, 1: 150.0, 2: 320.0, 3: 5.0}
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
+    return shared_path()
+
+
+def shared_path(*parts: str) -> Path:
+    """A file or folder inside ``../shared``. Skips, saying so, only when ``../shared`` itself is absent; a
+    checkout that has it but lacks this path is broken, and that fails the test instead of hiding it."""
     if not SHARED.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED} (only present in the project's CI and dev checkouts)")
-    return SHARED
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.fail(f"{path} is missing although the shared folder {SHARED} is there (an incomplete shared checkout)")
+    return path
 
 
 if "test_intensity_classifier" not in _REGISTRY:

@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - depends on the machine
         raise
     pytest.skip("DICOM output needs the [dicom] extra: pip install \".[dicom]\"", allow_module_level=True)
 
-from conftest import REPO, classifier_manifest, ct_from_labels, save_test_package
+from conftest import REPO, classifier_manifest, ct_from_labels, save_test_package, shared_path
 from dicom_helpers import repaired_copy, tree_digest, write_ct_series
 from KidneyTumorSegLib import dicom
 from KidneyTumorSegLib.cli import main
@@ -60,10 +60,8 @@ def phantom_series(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def real_series(tmp_path_factory, shared_dir):
-    source = shared_dir / "data" / "real_ct" / "example_ct_dicom"
-    if not source.is_dir():
-        pytest.skip(f"the real DICOM series is not at {source}")
+def real_series(tmp_path_factory):
+    source = shared_path("data", "real_ct", "example_ct_dicom")
     folder = tmp_path_factory.mktemp("real") / "example_ct_dicom"
     return folder, repaired_copy(source, folder), source
 

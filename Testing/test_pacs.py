@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - depends on the machine
         raise
     pytest.skip("the PACS round trip needs the [dicom] extra: pip install \".[dicom]\"", allow_module_level=True)
 
-from conftest import classifier_manifest, save_test_package
+from conftest import classifier_manifest, save_test_package, shared_path
 from dicom_helpers import repaired_copy, write_ct_series
 from KidneyTumorSegLib import dicom, dicomweb
 from KidneyTumorSegLib.cli import main
@@ -141,11 +141,9 @@ def package_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stored_real_series(orthanc, tmp_path_factory, shared_dir):
+def stored_real_series(orthanc, tmp_path_factory):
     """The real series (UIDs repaired: its anonymizer blanked them, and no PACS takes that) in Orthanc."""
-    source = shared_dir / "data" / "real_ct" / "example_ct_dicom"
-    if not source.is_dir():
-        pytest.skip(f"the real DICOM series is not at {source}")
+    source = shared_path("data", "real_ct", "example_ct_dicom")
     folder = tmp_path_factory.mktemp("real") / "series"
     uids = repaired_copy(source, folder)
     orthanc.upload(folder)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import shared_path
 from KidneyTumorSegLib.errors import InputError
 from Training.phantom_anatomy import ADULT_KIDNEY_SEPARATION_MM, Grid, grid_scale
 from Training.phantoms import procedural_labels, procedural_phantom, synthesize_ct
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 KITS_DIRECTION = (0.0, 0.0, 1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 0.0)  # slices along sitk axis 0, as KiTS19 stores them
 
 
@@ -219,9 +217,7 @@ def test_bad_label_images_raise_input_error():
 
 
 def test_real_kits19_label_map_downsampled():
-    case = SHARED / "data" / "kits19_labels" / "case_00061" / "segmentation.nii.gz"
-    if not case.is_file():
-        pytest.skip(f"KiTS19 label maps not found at {case.parent} (shared data folder absent)")
+    case = shared_path("data", "kits19_labels", "case_00061", "segmentation.nii.gz")
     full = sitk.ReadImage(str(case))
     assert np.allclose(full.GetDirection(), KITS_DIRECTION, atol=1e-6)
     size = [full.GetSize()[0], full.GetSize()[1] // 4, full.GetSize()[2] // 4]

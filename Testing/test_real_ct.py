@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import shared_path
 from KidneyTumorSegLib.models import load_package
 from KidneyTumorSegLib.pipeline import Segmenter
 from Training.real_ct import check_scan
@@ -25,8 +26,7 @@ FLOORS = {"ircad_1.1": {"kidney_dice": 0.33, "max_lesion_ml": 300.0},
 
 @pytest.fixture(scope="module")
 def segmenter():
-    if not REAL_CT.is_dir():
-        pytest.skip(f"the shared real CT scans are not at {REAL_CT} (only present in the project's CI and dev checkouts)")
+    shared_path("data", "real_ct")  # skips only without ../shared
     return Segmenter(load_package(None), device="cpu")
 
 

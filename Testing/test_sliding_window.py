@@ -89,36 +89,6 @@ def test_progress_reaches_one_and_bad_arguments_are_refused():
         sliding_window_inference(torch.zeros(1, 8, 8, 8), lambda b: b, (8, 8, 8), 2)
 
 
-def test_oom_fallback_halves_batch_then_moves_to_cpu(caplog):
-    class FlakyPredictor:
-        """Raises CUDA OOM for batches over 1 window, and once more for a single window."""
-
-        def __init__(self):
-            self.single_failures = 1
-            self.device = None
-
-        def to(self, device):
-            self.device = torch.device(device)
-            return self
-
-        def __call__(self, b):
-            if b.shape[0] > 1:
-                raise torch.cuda.OutOfMemoryError("fake")
-            if self.single_failures and self.device is None:
-                self.single_failures -= 1
-                raise torch.cuda.OutOfMemoryError("fake")
-            return b * 3
-
-    pred = FlakyPredictor()
-    x = torch.randn(1, 16, 16, 16)
-    # the "device" given is a fake non-CPU device name, only used to decide whether a CPU fallback is possible
-    with caplog.at_level("WARNING"):
-        out = sliding_window_inference(x, pred, (8, 8, 8), 1, batch_size=4, device="meta", stitch_device="cpu")
-    torch.testing.assert_close(out, 3 * x)
-    assert pred.device == torch.device("cpu")
-    assert "batch size 2" in caplog.text and "batch size 1" in caplog.text and "CPU" in caplog.text
-
-
 def test_margin_keeps_only_window_cores():
     # Each window answers with the local index of each voxel inside it. With margin 4 on
     # 16-voxel windows at stride 8 the cores [4, 12) tile the volume exactly, so every voxel

@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from conftest import shared_path
 from Training.cli import main
 from Training.runs import train_run
 from Training.trainer import CHECKPOINT, METRICS, Hook
@@ -28,8 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    if not LABELS.is_dir():
-        pytest.skip(f"the shared KiTS19 label maps are not at {LABELS} (only present in the project's CI and dev checkouts)")
+    shared_path("data", "kits19_labels")  # skips only without ../shared
     root = tmp_path_factory.mktemp("e2e")
     assert main(["--quiet", "phantoms", "--labels", str(LABELS), "--out", str(root / "data"), "--cases", CASES,
                  "--downsample-inplane", "8", "--max-slices", "24", "--cysts"]) == 0

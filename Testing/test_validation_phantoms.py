@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import shared_path
 from KidneyTumorSegLib.errors import InputError
 from Training.phantom_anatomy import procedural_labels  # a source of shapes only
 from Training.validation_phantoms import PHASES, synthesize_validation_ct
 
 MODULE = Path(__file__).resolve().parents[1] / "Training" / "validation_phantoms.py"
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 KITS_DIRECTION = (0.0, 0.0, 1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 0.0)  # slices along sitk axis 0, as KiTS stores them
 # a small grid at adult physical size: 200 mm along z (index axis 0), 290 x 290 mm in-plane
 SIZE, SPACING = (40, 58, 58), (5.0, 5.0, 5.0)
@@ -210,13 +210,10 @@ def test_validation_phantoms_command(tmp_path):
     assert main(args[:-2] + ["--max-slices", "16"]) == 2  # other options into the same folder: refused
 
 
-@pytest.mark.skipif(not (SHARED / "data" / "kits23_labels" / "case_00130").is_dir(),
-                    reason=f"shared KiTS23 label maps not found at {SHARED / 'data' / 'kits23_labels'} "
-                           "(only present in the project's CI and dev checkouts)")
 def test_real_kits_label_map():
     from Training.phantom_dataset import reduce_grid
 
-    labels = sitk.ReadImage(str(SHARED / "data" / "kits23_labels" / "case_00130" / "segmentation.nii.gz"))
+    labels = sitk.ReadImage(str(shared_path("data", "kits23_labels", "case_00130", "segmentation.nii.gz")))
     reduced = reduce_grid(sitk.Cast(labels, sitk.sitkUInt8), 4.0, 24)
     info = {}
     ct, lab = synthesize_validation_ct(reduced, np.random.default_rng(0), phase="arterial", info=info)
