@@ -13,7 +13,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from conftest import TEST_HU, classifier_manifest, dice, normalized, save_test_package, window_vb
+from conftest import TEST_HU, classifier_manifest, normalized, save_test_package, window_vb
+from KidneyTumorSegLib.metrics import dice
 from KidneyTumorSegLib.networks import _REGISTRY, register
 from KidneyTumorSegLib.pipeline import Segmenter
 
