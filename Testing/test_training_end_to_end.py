@@ -147,6 +147,45 @@ def test_export_segment_and_evaluate(trained, prepared, capsys):
     assert summary["cases"] == 2
 
 
+def test_compose_replaces_only_the_named_stage(trained, prepared, capsys):
+    import torch
+
+    from KidneyTumorSegLib.errors import InputError
+    from KidneyTumorSegLib.models import load_package
+    from Training.compose import compose_package
+    from Training.export import export_runs
+
+    run_a, _ = trained
+    base = export_runs([run_a], prepared / "compose_base", name="base-model", version="1.0.0")
+    other = prepared / "run_seed1"
+    train_run("phantom_fast", prepared / "cache", other, smoke=True, seed=1, stages=["coarse"])
+    out = prepared / "composed"
+    assert main(["--quiet", "compose", "--base", str(base.root), "--stage", f"coarse={other}", "--out", str(out),
+                 "--version", "1.1.0"]) == 0
+    composed = load_package(str(out))
+    m = composed.manifest
+    assert (m.name, m.version) == ("base-model", "1.1.0") and m.postprocessing == base.manifest.postprocessing
+    assert m.provenance["base"]["version"] == "1.0.0" and m.provenance["base"]["provenance"]["recipe"] == "phantom_fast"
+    assert set(m.provenance["replaced_stages"]) == {"coarse"}
+    assert m.provenance["replaced_stages"]["coarse"]["run"] == str(other)
+
+    def states(package, stage):
+        spec = next(s for s in package.manifest.stages if s.name == stage)
+        return [torch.load(package.weights_path(w.file), weights_only=True) for w in spec.weights]
+
+    ckpt = torch.load(other / "coarse" / "checkpoint_last.pt", weights_only=True)
+    wanted = [torch.load(other / "coarse" / e["file"], weights_only=True) for e in ckpt["top"][:1]]
+    assert len(states(composed, "coarse")) == len(wanted) == 1
+    assert all(torch.equal(states(composed, "coarse")[0][k], wanted[0][k]) for k in wanted[0])
+    assert not all(torch.equal(states(composed, "coarse")[0][k], states(base, "coarse")[0][k]) for k in wanted[0])
+    fine_new, fine_old = states(composed, "fine"), states(base, "fine")
+    assert len(fine_new) == len(fine_old) and all(torch.equal(a[k], b[k]) for a, b in zip(fine_new, fine_old) for k in a)
+    with pytest.raises(InputError, match="no stage"):
+        compose_package(str(base.root), {"middle": other}, prepared / "composed2")
+    assert main(["--quiet", "compose", "--base", str(base.root), "--stage", "coarse", "--out", str(prepared / "c3")]) == 2
+    assert "NAME=RUN" in capsys.readouterr().err
+
+
 def test_command_line_errors_are_one_line(prepared, capsys):
     assert main(["train", "--recipe", "no_such", "--data", str(prepared / "data"), "--out", str(prepared / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

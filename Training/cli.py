@@ -1,6 +1,7 @@
 """Command line of the training package: ``python -m Training <command>`` or ``kidney-tumor-seg-train <command>``.
 
-Commands: phantoms, validation-phantoms, fingerprint, preprocess, train, evaluate, export, recipes. Each has --help.
+Commands: phantoms, validation-phantoms, fingerprint, preprocess, synth-preprocess, train, evaluate, export, compose,
+recipes. Each has --help.
 Errors a user can cause print one line (``error: ...``) and exit with status 2; --debug shows
 the traceback instead.
 """
@@ -169,6 +170,25 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_compose(args) -> int:
+    from .compose import compose_package
+
+    replacements = {}
+    for item in args.stage:
+        stage, sep, run = item.partition("=")
+        if not sep or not stage or not run:
+            raise InputError(f"--stage takes NAME=RUN (e.g. coarse=runs/s4), got {item!r}")
+        if stage in replacements:
+            raise InputError(f"--stage {stage} given twice")
+        replacements[stage] = Path(run)
+    package = compose_package(args.base, replacements, Path(args.out), name=args.name, version=args.version,
+                              allow_unfinished=args.allow_unfinished, overwrite=args.overwrite)
+    m = package.manifest
+    print(json.dumps({"package": str(package.root), "name": m.name, "version": m.version,
+                      "weights": {s.name: [w.file for w in s.weights] for s in m.stages}}))
+    return 0
+
+
 def cmd_recipes(args) -> int:
     from .recipes import get_recipe, names
 
@@ -296,6 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--allow-unfinished", action="store_true", help="export a stage stopped early by --max-epochs")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("compose", help="a package with some stages retrained: the base package's other stages, "
+                                       "labels and post-processing, the named stages from training runs")
+    s.add_argument("--base", required=True, help="installed model name or package folder")
+    s.add_argument("--stage", action="append", required=True, metavar="NAME=RUN",
+                   help="replace stage NAME by run RUN's (repeatable)")
+    s.add_argument("--out", required=True, help="package folder to write")
+    s.add_argument("--name", help="package name (default: the base's)")
+    s.add_argument("--version", help="package version (default: the base's)")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--allow-unfinished", action="store_true", help="take a stage stopped before its last epoch")
+    s.set_defaults(func=cmd_compose)
 
     s = sub.add_parser("recipes", help="list recipes, or show one as JSON")
     s.add_argument("name", nargs="?")
