@@ -185,6 +185,19 @@ def test_compose_replaces_only_the_named_stage(trained, prepared, capsys):
     assert main(["--quiet", "compose", "--base", str(base.root), "--stage", "coarse", "--out", str(prepared / "c3")]) == 2
     assert "NAME=RUN" in capsys.readouterr().err
 
+    # --add: the run's coarse weights join the base's coarse ensemble; the base's member stays first
+    joined = load_package(str(compose_package(str(base.root), {}, prepared / "joined", additions={"coarse": other}).root))
+    members = states(joined, "coarse")
+    assert len(members) == 2 and set(joined.manifest.provenance["added_members"]) == {"coarse"}
+    assert all(torch.equal(members[0][k], states(base, "coarse")[0][k]) for k in members[0])
+    assert all(torch.equal(members[1][k], wanted[0][k]) for k in members[1])
+    # a member must share the whole stage entry: a run with another coarse spacing cannot join
+    spaced = prepared / "run_spaced"
+    train_run("phantom_fast", prepared / "cache", spaced, smoke=True, stages=["coarse"],
+              overrides=["coarse.manifest.spacing_mm=[9.0,9.0,9.0]"])
+    with pytest.raises(InputError, match="spacing_mm"):
+        compose_package(str(base.root), {}, prepared / "joined2", additions={"coarse": spaced})
+
 
 def test_command_line_errors_are_one_line(prepared, capsys):
     assert main(["train", "--recipe", "no_such", "--data", str(prepared / "data"), "--out", str(prepared / "x")]) == 2

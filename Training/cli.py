@@ -173,16 +173,20 @@ def cmd_export(args) -> int:
 def cmd_compose(args) -> int:
     from .compose import compose_package
 
-    replacements = {}
-    for item in args.stage:
-        stage, sep, run = item.partition("=")
-        if not sep or not stage or not run:
-            raise InputError(f"--stage takes NAME=RUN (e.g. coarse=runs/s4), got {item!r}")
-        if stage in replacements:
-            raise InputError(f"--stage {stage} given twice")
-        replacements[stage] = Path(run)
-    package = compose_package(args.base, replacements, Path(args.out), name=args.name, version=args.version,
-                              allow_unfinished=args.allow_unfinished, overwrite=args.overwrite)
+    def pairs(items, option):
+        out = {}
+        for item in items or []:
+            stage, sep, run = item.partition("=")
+            if not sep or not stage or not run:
+                raise InputError(f"{option} takes NAME=RUN (e.g. coarse=runs/s4), got {item!r}")
+            if stage in out:
+                raise InputError(f"{option} {stage} given twice")
+            out[stage] = Path(run)
+        return out
+
+    package = compose_package(args.base, pairs(args.stage, "--stage"), Path(args.out), name=args.name,
+                              version=args.version, allow_unfinished=args.allow_unfinished, overwrite=args.overwrite,
+                              additions=pairs(args.add, "--add"))
     m = package.manifest
     print(json.dumps({"package": str(package.root), "name": m.name, "version": m.version,
                       "weights": {s.name: [w.file for w in s.weights] for s in m.stages}}))
@@ -320,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compose", help="a package with some stages retrained: the base package's other stages, "
                                        "labels and post-processing, the named stages from training runs")
     s.add_argument("--base", required=True, help="installed model name or package folder")
-    s.add_argument("--stage", action="append", required=True, metavar="NAME=RUN",
-                   help="replace stage NAME by run RUN's (repeatable)")
+    s.add_argument("--stage", action="append", metavar="NAME=RUN", help="replace stage NAME by run RUN's (repeatable)")
+    s.add_argument("--add", action="append", metavar="NAME=RUN",
+                   help="add run RUN's weights for stage NAME to the base's ensemble (same stage entry; repeatable)")
     s.add_argument("--out", required=True, help="package folder to write")
     s.add_argument("--name", help="package name (default: the base's)")
     s.add_argument("--version", help="package version (default: the base's)")

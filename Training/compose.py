@@ -9,6 +9,10 @@ the run's record per replaced stage under ``replaced_stages``.
 
 A replacement must keep the stage's contract with the others: same name, role and classes, same number of input
 channels (later stages read its labels and probabilities), so the composed cascade runs as the base did.
+
+A run's stage can instead be *added* to the base stage's ensemble (``--add``): the library averages the members'
+probabilities, which is only meaningful for networks of one stage entry, so an added member's whole manifest entry
+(network, spacing, normalisation, patch, TTA axes, region, inputs) must equal the base's; the base's members stay.
 """
 
 from __future__ import annotations
@@ -29,27 +33,39 @@ from .recipes import final_stage_manifest
 from .runs import git_commit, read_run
 
 
+def _entry(stage: Mapping) -> dict:
+    """A stage entry as the library reads it, without its weights (what an ensemble's members must share)."""
+    placeholder = [{"file": "unchecked.pt", "sha256": "0" * 64}]
+    d = StageSpec.from_dict(dict(stage, weights=placeholder), f"stage {stage['name']!r}").to_dict()
+    d.pop("weights", None)
+    return d
+
+
 def _contract(stage: Mapping) -> tuple:
     """What the other stages rely on: name, role, classes and inputs (validated as the library reads them)."""
-    # weights are not part of the contract (and not written yet): a placeholder lets the entry validate
-    placeholder = [{"file": "unchecked.pt", "sha256": "0" * 64}]
-    spec = StageSpec.from_dict(dict(stage, weights=placeholder), f"stage {stage['name']!r}")
-    return spec.name, spec.role, tuple(spec.classes), spec.inputs.to_dict()
+    e = _entry(stage)
+    return e["name"], e["role"], tuple(e["classes"]), e["inputs"]
 
 
 def compose_package(base: str, replacements: Mapping[str, Path], out: Path, name: Optional[str] = None,
-                    version: Optional[str] = None, allow_unfinished: bool = False, overwrite: bool = False) -> ModelPackage:
+                    version: Optional[str] = None, allow_unfinished: bool = False, overwrite: bool = False,
+                    additions: Optional[Mapping[str, Path]] = None) -> ModelPackage:
     """Write ``out``: package ``base`` (an installed name or a folder) with the stages named in ``replacements``
-    (stage name -> training run folder) taken from those runs; returns the loaded package."""
-    if not replacements:
-        raise InputError("compose needs at least one --stage NAME=RUN to replace")
+    (stage name -> training run folder) taken from those runs, and the stages named in ``additions`` given the
+    run's weights as extra ensemble members; returns the loaded package."""
+    additions = dict(additions or {})
+    if not replacements and not additions:
+        raise InputError("compose needs at least one --stage NAME=RUN to replace or --add NAME=RUN to add")
+    both = sorted(set(replacements) & set(additions))
+    if both:
+        raise InputError(f"stage(s) {', '.join(both)} both replaced and added to; choose one")
     package = load_package(base)
     manifest = copy.deepcopy(package.manifest.to_dict())
     names = [s["name"] for s in manifest["stages"]]
-    unknown = sorted(set(replacements) - set(names))
+    unknown = sorted((set(replacements) | set(additions)) - set(names))
     if unknown:
         raise InputError(f"package {manifest['name']} has no stage(s) {', '.join(unknown)}; its stages: {', '.join(names)}")
-    states, replaced = {}, {}
+    states, replaced, added = {}, {}, {}
     for stage in manifest["stages"]:
         source = replacements.get(stage["name"])
         if source is None:
@@ -58,6 +74,8 @@ def compose_package(base: str, replacements: Mapping[str, Path], out: Path, name
                 states[w["file"]] = torch.load(package.weights_path(w["file"]), map_location="cpu", weights_only=True)
                 files.append({"file": w["file"]})
             stage["weights"] = files
+            if stage["name"] in additions:
+                added[stage["name"]] = _add_members(stage, Path(additions[stage["name"]]), states, allow_unfinished)
             continue
         run = read_run(Path(source))
         resolved = next((s for s in run["resolved"]["stages"] if s["name"] == stage["name"]), None)
@@ -75,14 +93,37 @@ def compose_package(base: str, replacements: Mapping[str, Path], out: Path, name
             new["weights"].append({"file": file})
         stage.clear()
         stage.update(new)
-        replaced[stage["name"]] = {"run": str(source), "recipe": run["recipe"], "dataset": run["dataset"],
-                                   "mix": run.get("mix"), "init_from": run.get("init_from"), "command": run.get("command"),
-                                   "commit": run.get("commit"), "training": summary}
+        replaced[stage["name"]] = _run_record(Path(source), run, summary)
     provenance = {"composed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
                   "base": {"name": manifest["name"], "version": manifest["version"],
                            "provenance": manifest.get("provenance", {})},
-                  "replaced_stages": replaced}
+                  "replaced_stages": replaced, "added_members": added}
     manifest["provenance"] = provenance
     manifest["name"] = name or manifest["name"]
     manifest["version"] = version or manifest["version"]
     return save_package(Path(out), manifest, states, overwrite=overwrite)
+
+
+def _run_record(source: Path, run: dict, summary: dict) -> dict:
+    return {"run": str(source), "recipe": run["recipe"], "dataset": run["dataset"], "mix": run.get("mix"),
+            "init_from": run.get("init_from"), "command": run.get("command"), "commit": run.get("commit"),
+            "training": summary}
+
+
+def _add_members(stage: dict, source: Path, states: dict, allow_unfinished: bool) -> dict:
+    """Append run ``source``'s weights for ``stage`` (a base manifest entry, edited in place) to its ensemble."""
+    run = read_run(source)
+    resolved = next((s for s in run["resolved"]["stages"] if s["name"] == stage["name"]), None)
+    if resolved is None:
+        raise InputError(f"run {source} has no stage {stage['name']!r}")
+    new, old = _entry(final_stage_manifest(resolved)), _entry(stage)
+    differ = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
+    if differ:
+        raise InputError(f"run {source}'s stage {stage['name']!r} cannot join the base's ensemble: its entry differs in "
+                         f"{', '.join(differ)} (members are averaged, so they must share the whole entry)")
+    chosen, summary = _stage_weights(source, resolved, None, allow_unfinished)
+    for j, (_, state) in enumerate(chosen):
+        file = f"{stage['name']}_added_{j}.pt"
+        states[file] = state
+        stage["weights"].append({"file": file})
+    return _run_record(source, run, summary)
