@@ -280,8 +280,11 @@ class KidneyTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         gpus = [d for d in devices if d.get("kind") in ("cuda", "mps")]
         for kind in ("cuda", "mps"):
             ofKind = [d for d in gpus if d.get("kind") == kind]
-            if ofKind:
+            if len(ofKind) == 1:  # by kind, so a scene saved with "cuda" still selects it
                 combo.addItem(f"GPU: {_deviceText(ofKind[0])}", kind)
+            else:  # several: each by the name the library's listing gives it (cuda:0, cuda:1, ...)
+                for device in ofKind:
+                    combo.addItem(f"GPU: {_deviceText(device)}", device.get("device") or kind)
         combo.blockSignals(wasBlocked)
         self._selectData(combo, self._parameterNode.GetParameter("Device") if self._parameterNode else "auto")
         if gpus:

@@ -39,9 +39,10 @@ def _output_plan(inputs: Sequence[str], output: str) -> list[tuple[Path, Path]]:
     """Pair every input case with its output file; one file for one input file, a folder otherwise."""
     from .errors import InputError
     from .dicom import DICOM_SUFFIX
-    from .imageio import LABEL_OUTPUT_SUFFIXES, case_name, expand_inputs, image_suffix
+    from .imageio import LABEL_OUTPUT_SUFFIXES, discover_cases, image_suffix
 
-    cases = expand_inputs(inputs)
+    found = discover_cases(inputs)
+    cases = [case.path for case in found]
     out = Path(output)
     suffix = image_suffix(out)
     if suffix == DICOM_SUFFIX:
@@ -58,14 +59,7 @@ def _output_plan(inputs: Sequence[str], output: str) -> list[tuple[Path, Path]]:
     if suffix and not out.is_dir():
         raise InputError(f"-o {output}: output must be a folder or a file ending in {', '.join(LABEL_OUTPUT_SUFFIXES)} "
                          f"(or {DICOM_SUFFIX}: a DICOM SEG, for a DICOM series input)")
-    plan, used = [], {}
-    for case in cases:
-        name = case_name(case)
-        if name in used:  # e.g. case_00000/imaging.nii.gz and case_00001/imaging.nii.gz
-            name = f"{case.parent.name}_{name}" if case.is_file() else f"{case.parent.name}_{case.name}"
-        used[name] = case
-        plan.append((case, out / f"{name}.nii.gz"))
-    return plan
+    return [(case.path, out / f"{case.name}.nii.gz") for case in found]
 
 
 def _stats_path(stats_arg: Optional[str], output: Path, batch: bool) -> Optional[Path]:

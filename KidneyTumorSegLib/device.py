@@ -1,4 +1,6 @@
-"""Device selection, in one place: ``auto|cuda|mps|cpu`` resolved with a reason."""
+"""Device selection, in one place: which names are devices (:func:`parse_device`, no torch
+needed, so the Slicer module checks names with it too) and which device a name resolves to
+here (:func:`resolve_device`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,20 @@ import logging
 logger = logging.getLogger(__name__)
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+
+
+def parse_device(requested: str | None = "auto") -> str:
+    """The device name ``requested`` in canonical form (``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N``);
+    raises ``DeviceError`` for anything else. Says nothing about whether the device exists here."""
+    from .errors import DeviceError
+
+    req = (requested or "auto").strip().lower()
+    base, colon, index = req.partition(":")
+    if base in DEVICE_CHOICES and not colon:
+        return base
+    if base == "cuda" and index.isdigit():  # isdigit: no sign, no spaces
+        return f"cuda:{int(index)}"
+    raise DeviceError(f"device must be one of {', '.join(DEVICE_CHOICES)} or cuda:N (N = 0, 1, ...), got {requested!r}")
 
 
 def resolve_device(requested: str = "auto"):
@@ -19,10 +35,8 @@ def resolve_device(requested: str = "auto"):
 
     from .errors import DeviceError
 
-    req = (requested or "auto").lower()
+    req = parse_device(requested)
     base = req.split(":")[0]
-    if base not in DEVICE_CHOICES:
-        raise DeviceError(f"device must be one of {', '.join(DEVICE_CHOICES)} (or cuda:N), got {requested!r}")
     cuda_ok = torch.cuda.is_available()
     mps_ok = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     if base == "auto":
@@ -47,7 +61,8 @@ def resolve_device(requested: str = "auto"):
 
 
 def describe_devices() -> list[dict]:
-    """Devices torch can use here: ``[{"kind", "name", "memory_bytes"}]``, the CPU always last."""
+    """Devices torch can use here: ``[{"kind", "device", "name", "memory_bytes"}]``, the CPU always last;
+    ``device`` is the name :func:`resolve_device` takes for it (``cuda:0``, ``mps``, ``cpu``)."""
     import platform
 
     import torch
@@ -56,10 +71,10 @@ def describe_devices() -> list[dict]:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
-            devices.append({"kind": "cuda", "name": f"cuda:{i} {props.name}", "memory_bytes": int(props.total_memory)})
+            devices.append({"kind": "cuda", "device": f"cuda:{i}", "name": f"cuda:{i} {props.name}", "memory_bytes": int(props.total_memory)})
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        devices.append({"kind": "mps", "name": "Apple MPS", "memory_bytes": None})
-    devices.append({"kind": "cpu", "name": platform.processor() or platform.machine() or "cpu", "memory_bytes": None})
+        devices.append({"kind": "mps", "device": "mps", "name": "Apple MPS", "memory_bytes": None})
+    devices.append({"kind": "cpu", "device": "cpu", "name": platform.processor() or platform.machine() or "cpu", "memory_bytes": None})
     return devices
 
 

@@ -522,48 +522,104 @@ def read_image(path: str | os.PathLike, series_uid: str | None = None) -> sitk.I
         raise InputError(f"Cannot read {p}: {_condense_itk_error(exc)}") from exc
 
 
-def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand batch inputs into one path per case.
+@dataclass(frozen=True)
+class InputCase:
+    """One case :func:`discover_cases` found: ``path`` (an image file, or a folder holding a DICOM
+    series) and ``name``, unique among the cases found together (output files are named after it)."""
 
-    A file is kept as given (even a missing or unsupported one, so that it
-    fails as its own case). A folder that itself holds a DICOM series is one
-    case. Any other folder contributes its files with a supported image
-    suffix and its sub-folders holding a DICOM series (one level, sorted by
-    name; hidden entries skipped). Order of ``paths`` is kept and duplicates
-    are dropped. Raises InputError when nothing is found.
+    path: Path
+    name: str
+
+    @property
+    def is_dicom(self) -> bool:
+        return self.path.is_dir()
+
+
+def _search_folder(root: Path) -> list[tuple[Path, str]]:
+    """``(path, name)`` of the cases below ``root``: its image files, and every folder at any depth
+    that holds a DICOM series (not searched further: a series folder is one case). Names are the
+    path below ``root`` with ``_`` for the separators (``patient1/ct`` -> ``patient1_ct``)."""
+    found: list[tuple[Path, str]] = []
+    skipped: list[Path] = []  # image files in sub-folders: said, since a user may expect them
+    visited = {root.resolve()}  # symlinked folders are followed once (no loops)
+
+    def visit(folder: Path) -> None:
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError as exc:
+            logger.warning("Cannot search %s: %s", folder, exc)
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue  # hidden files include our own temporary outputs
+            if entry.is_file():
+                if image_suffix(entry) in SUPPORTED_IMAGE_SUFFIXES:
+                    if folder == root:
+                        found.append((entry, case_name(entry)))
+                    else:
+                        skipped.append(entry)
+            elif entry.is_dir() and entry.resolve() not in visited:
+                visited.add(entry.resolve())
+                if _holds_dicom_series(entry):
+                    found.append((entry, "_".join(entry.relative_to(root).parts)))
+                else:
+                    visit(entry)
+
+    visit(root)
+    if skipped:
+        logger.warning("%d image file(s) in sub-folders of %s are not cases (only DICOM series are searched "
+                       "below the folder given), e.g. %s: give those files or folders as inputs",
+                       len(skipped), root, skipped[0])
+    return found
+
+
+def discover_cases(paths: Sequence[str | os.PathLike]) -> list[InputCase]:
+    """The cases in the inputs ``paths``: the one rule of the command line and Slicer's batch mode.
+
+    A file is a case as given (even a missing or unsupported one, so that it fails as its own
+    case). A folder that itself holds a DICOM series is one case. Any other folder contributes
+    the image files directly inside it and every folder below it, at any depth, that holds a
+    DICOM series (a PACS export nests patient/study/series folders; hidden entries skipped).
+    Image files in sub-folders are not cases: a case folder often keeps label maps next to its
+    CT (``case_00000/imaging.nii.gz``, ``segmentation.nii.gz``), which must not be segmented.
+    Cases come sorted by path within a folder, in the order of ``paths``, without duplicates;
+    a name already taken gets its parent folder's name in front, then ``_2``, ``_3``, ...
+    Raises InputError when nothing is found.
     """
-    cases: list[Path] = []
+    cases: list[InputCase] = []
     seen: set[Path] = set()
+    names: set[str] = set()
 
-    def add(p: Path) -> None:
+    def add(p: Path, name: str) -> None:
         key = p.resolve()
-        if key not in seen:
-            seen.add(key)
-            cases.append(p)
+        if key in seen:
+            return
+        seen.add(key)
+        if name in names:  # e.g. case_00000/imaging.nii.gz and case_00001/imaging.nii.gz
+            name = f"{key.parent.name}_{name}"
+        unique, n = name, 1
+        while unique in names:
+            n += 1
+            unique = f"{name}_{n}"
+        names.add(unique)
+        cases.append(InputCase(p, unique))
 
     for raw in paths:
         p = Path(raw)
         if not p.is_dir():
-            add(p)
+            add(p, case_name(p))
             continue
         if _holds_dicom_series(p):
             ignored = [f.name for f in p.iterdir() if f.is_file() and image_suffix(f) in SUPPORTED_IMAGE_SUFFIXES]
             if ignored:
                 logger.warning("%s holds a DICOM series, read as one case; its image files %s are ignored", p, ignored)
-            add(p)
+            add(p, case_name(p))
             continue
-        found = []
-        for entry in sorted(p.iterdir()):
-            if entry.name.startswith("."):
-                continue  # hidden files include our own temporary outputs
-            if entry.is_file() and image_suffix(entry) in SUPPORTED_IMAGE_SUFFIXES:
-                found.append(entry)
-            elif entry.is_dir() and _holds_dicom_series(entry):
-                found.append(entry)
+        found = _search_folder(p)
         if not found:
             logger.warning("No image files or DICOM series found in %s", p)
-        for entry in found:
-            add(entry)
+        for path, name in found:
+            add(path, name)
     if not cases:
         given = ", ".join(str(p) for p in paths) or "(nothing)"
         raise InputError(

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from case_tree import write_case_tree
 from conftest import classifier_manifest, ct_from_labels, save_test_package
-from KidneyTumorSegLib.cli import main
+from KidneyTumorSegLib.cli import _output_plan, main
+from KidneyTumorSegLib.device import parse_device
+from KidneyTumorSegLib.errors import DeviceError
 from KidneyTumorSegLib.metrics import dice
 from Training.phantoms import procedural_labels
 
@@ -175,7 +178,8 @@ def test_models_list_and_devices_json(capsys):
     assert all(not isinstance(v, (list, dict)) for m in models for v in m["data_provenance"].values())
     assert run_cli("devices", "--json") == 0
     devices = json.loads(capsys.readouterr().out)
-    assert devices[-1]["kind"] == "cpu"
+    assert devices[-1]["kind"] == "cpu" and devices[-1]["device"] == "cpu"
+    assert all(parse_device(d["device"]) == d["device"] for d in devices)  # listed names are accepted names
 
 
 def test_unknown_model_and_device(tmp_path, ct_file, capsys):
@@ -183,6 +187,27 @@ def test_unknown_model_and_device(tmp_path, ct_file, capsys):
     assert "no model package named" in capsys.readouterr().err
     assert run_cli("segment", ct_file, "-o", tmp_path / "o.nii.gz", "--device", "tpu") == 1
     assert "device must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, canonical", [("auto", "auto"), (None, "auto"), ("CPU", "cpu"), ("cuda", "cuda"),
+                                             ("cuda:1", "cuda:1"), ("cuda:01", "cuda:1"), ("mps", "mps")])
+def test_device_names_the_library_accepts(name, canonical):
+    assert parse_device(name) == canonical
+
+
+@pytest.mark.parametrize("name", ["gpu", "tpu", "cuda:", "cuda:-1", "cuda:x", "cuda:1.5", "cpu:0", "mps:0", "cuda 1"])
+def test_device_names_the_library_refuses(name):
+    with pytest.raises(DeviceError, match=r"device must be one of auto, cuda, mps, cpu or cuda:N .*got " + repr(name)):
+        parse_device(name)
+
+
+def test_batch_cases_and_output_names_follow_case_discovery(tmp_path):
+    """The command line's batch plan is the library's case discovery, names included."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    expected = write_case_tree(root)
+    plan = _output_plan([str(root)], str(out))
+    assert [(case.relative_to(root).as_posix(), output) for case, output in plan] == \
+        [(path, out / f"{name}.nii.gz") for path, name in expected]
 
 
 def test_help_does_not_import_torch():

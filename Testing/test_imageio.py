@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from case_tree import write_case_tree
 from KidneyTumorSegLib import imageio
 from KidneyTumorSegLib.errors import InputError, OutputError
 from KidneyTumorSegLib.imageio import (
     case_name,
-    expand_inputs,
+    discover_cases,
     image_suffix,
     list_dicom_series,
     read_image,
@@ -328,36 +329,53 @@ def test_image_suffix_and_case_name(tmp_path):
     assert case_name(tmp_path / "series_7") == "series_7"
 
 
-def test_expand_inputs(tmp_path):
+def test_discover_cases_in_a_folder(tmp_path, caplog):
+    """Image files directly in the folder, DICOM series folders at any depth (not inside a series)."""
     root = tmp_path / "batch"
-    root.mkdir()
-    img = _volume(GEOMETRIES["anisotropic"])
-    for name in ["b.nrrd", "a.nii.gz", "c.mha"]:
-        sitk.WriteImage(img, str(root / name))
-    (root / "notes.txt").write_text("not an image")
-    (root / ".a.tmp-123.nii.gz").write_bytes(b"half-written")
-    _write_dicom_series(root / "dicom_case", np.zeros((3, 4, 4), np.int16), UID_A, "s")
-    (root / "empty_sub").mkdir()
-    (root / "nifti_sub").mkdir()
-    sitk.WriteImage(img, str(root / "nifti_sub" / "deep.nii"))  # only one level is searched
+    expected = write_case_tree(root)
+    with caplog.at_level(logging.WARNING, logger="KidneyTumorSegLib"):
+        found = discover_cases([root])
+    assert [(c.path.relative_to(root).as_posix(), c.name) for c in found] == expected
+    assert [c.is_dicom for c in found] == [False, False, True, True, True]
+    # The KiTS-style case folder's files are said to be skipped, not silently lost.
+    assert "2 image file(s) in sub-folders of" in caplog.text and "imaging.nii.gz" in caplog.text
 
-    expected = [root / "a.nii.gz", root / "b.nrrd", root / "c.mha", root / "dicom_case"]
-    assert expand_inputs([root]) == expected
-    # A DICOM folder given directly is one case; files are kept as given, in order, without duplicates.
-    single = tmp_path / "single.nii"
-    sitk.WriteImage(img, str(single))
-    assert expand_inputs([root / "dicom_case"]) == [root / "dicom_case"]
-    assert expand_inputs([single, root, str(root / "a.nii.gz")]) == [single, *expected]
+
+def test_discover_cases_given_paths_order_duplicates_and_names(tmp_path):
+    root = tmp_path / "batch"
+    write_case_tree(root)
+    series = root / "export" / "PAT1" / "STUDY1" / "CT"
+    # A DICOM folder given directly is one case (its nested series is not searched).
+    assert [(c.path, c.name) for c in discover_cases([series])] == [(series, "CT")]
+    single = root / "kits" / "case_00000" / "imaging.nii.gz"
+    found = discover_cases([single, root, str(root / "a.nii.gz")])
+    assert [c.path for c in found][:2] == [single, root / "a.nii.gz"] and len(found) == 6  # a.nii.gz once
     missing = tmp_path / "missing.nii.gz"
-    assert expand_inputs([missing]) == [missing]  # fails later as its own case
+    assert [(c.path, c.name) for c in discover_cases([missing])] == [(missing, "missing")]  # fails later, alone
+    # Names are unique: the parent folder's name first, then a number.
+    others = []
+    for i, parent in enumerate(("case_1", "case_2", "x/case_1")):
+        (tmp_path / parent).mkdir(parents=True)
+        others.append(tmp_path / parent / "imaging.nii.gz")
+        others[-1].write_bytes((root / "a.nii.gz").read_bytes())
+    assert [c.name for c in discover_cases(others)] == ["imaging", "case_2_imaging", "case_1_imaging"]
+    assert [c.name for c in discover_cases(others + [tmp_path / "y" / "case_1" / "imaging.nii.gz"])][-1] \
+        == "case_1_imaging_2"
 
 
-def test_expand_inputs_nothing_found(tmp_path):
+def test_discover_cases_follows_a_symlink_loop_once(tmp_path):
+    root = tmp_path / "batch"
+    write_case_tree(root)
+    (root / "export" / "loop").symlink_to(root, target_is_directory=True)
+    assert [c.name for c in discover_cases([root])] == [n for _, n in write_case_tree(tmp_path / "again")]
+
+
+def test_discover_cases_nothing_found(tmp_path):
     (tmp_path / "readme.txt").write_text("x")
     with pytest.raises(InputError, match="No input images found"):
-        expand_inputs([tmp_path])
+        discover_cases([tmp_path])
     with pytest.raises(InputError):
-        expand_inputs([])
+        discover_cases([])
 
 
 # --------------------------------------------------------------------------- atomic writing

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from case_tree import write_case_tree, write_series
 from conftest import shared_path
 
 try:
@@ -65,6 +66,10 @@ shim.install()
 import KidneyTumorSeg  # noqa: E402
 from KidneyTumorSegHelpers import batch, process, results, segments, terminology  # noqa: E402
 from KidneyTumorSegHelpers.logic import KidneyTumorSegLogic, SegmentationError  # noqa: E402
+
+from KidneyTumorSegLib.device import parse_device  # noqa: E402  (the library's rules the module must follow)
+from KidneyTumorSegLib.errors import DeviceError  # noqa: E402
+from KidneyTumorSegLib.imageio import discover_cases  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # The fake library CLI (same arguments and output contract as KidneyTumorSegLib's CLI)
@@ -120,8 +125,10 @@ FAKE_MAIN = textwrap.dedent('''
         if behaviour == "nodevices":
             print("error: torch is not installed", file=sys.stderr)
             sys.exit(1)
-        print(json.dumps([{"kind": "cpu", "name": "cpu", "memory_bytes": None},
-                          {"kind": "cuda", "name": "Fake GPU", "memory_bytes": 8 * 1024 ** 3}]))
+        gpus = [{"kind": "cuda", "device": "cuda:0", "name": "Fake GPU", "memory_bytes": 8 * 1024 ** 3}]
+        if behaviour == "twogpus":
+            gpus.append({"kind": "cuda", "device": "cuda:1", "name": "Second GPU", "memory_bytes": 16 * 1024 ** 3})
+        print(json.dumps([{"kind": "cpu", "device": "cpu", "name": "cpu", "memory_bytes": None}] + gpus))
         sys.exit(0)
 
     import numpy as np  # only the segment command needs them (keeps listing fast)
@@ -294,8 +301,8 @@ def test_segment_command_line_follows_the_cli_contract():
                     "--model", "kits-model", "--tta", "--force"]
     plain = process.buildSegmentCommand("py", "in", "out", "st")
     assert "--model" not in plain and "--tta" not in plain and "--force" not in plain
-    with pytest.raises(ValueError, match="device must be one of"):
-        process.buildSegmentCommand("py", "in", "out", "st", device="gpu")
+    # The device goes as given: names are the library's to judge (KidneyTumorSegLogic.checkedDevice).
+    assert process.buildSegmentCommand("py", "in", "out", "st", device="cuda:1")[7:9] == ["--device", "cuda:1"]
     assert process.buildListModelsCommand("py") == ["py", "-m", "KidneyTumorSegLib", "models", "list", "--json"]
     assert process.buildListDevicesCommand("py") == ["py", "-m", "KidneyTumorSegLib", "devices", "--json"]
 
@@ -598,6 +605,31 @@ def test_failed_runs_report_and_add_nothing(logic, scene, monkeypatch, behaviour
     assert os.listdir(slicer.app.temporaryPath) == []
 
 
+@pytest.mark.parametrize("name, canonical", [("cuda:1", "cuda:1"), ("CUDA:2", "cuda:2"), ("cuda", "cuda"),
+                                             ("mps", "mps"), ("cpu", "cpu"), ("auto", "auto")])
+def test_device_names_are_the_librarys(logic, scene, name, canonical):
+    """The module accepts exactly the names the library's parse_device accepts, as it writes them."""
+    assert logic.checkedDevice(name) == canonical == parse_device(name)
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "cuda:-1", "cpu:0"])
+def test_a_bad_device_name_gets_the_librarys_message(logic, scene, name):
+    with pytest.raises(DeviceError) as library:
+        parse_device(name)
+    with pytest.raises(SegmentationError) as module:
+        logic.checkedDevice(name)
+    assert str(module.value) == str(library.value)
+    with pytest.raises(SegmentationError) as run:  # refused before any process starts
+        logic.segment(addCT(), device=name)
+    assert str(run.value) == str(library.value) and not (scene.record / "argv.json").exists()
+
+
+def test_cuda_n_reaches_the_library(logic, scene):
+    logic.segment(addCT(), device="cuda:1")
+    argv = json.loads((scene.record / "argv.json").read_text())
+    assert argv[argv.index("--device") + 1] == "cuda:1"
+
+
 def test_bad_input_volumes_are_refused(logic, scene):
     assert logic.inputProblem(None) == "Select an input CT volume."
     labelmap = slicer.util.addVolumeFromArray(np.zeros((8, 8, 8), np.uint8), name="labels",
@@ -629,7 +661,7 @@ def test_models_and_devices_are_listed(logic, scene):
     assert [m["name"] for m in models] == ["fake-phantom", "nocyst", "undeclared"]
     assert logic.modelHasCyst(None) and logic.modelHasCyst("fake-phantom") and not logic.modelHasCyst("nocyst")
     devices = logic.listDevices()
-    assert devices[1] == {"kind": "cuda", "name": "Fake GPU", "memory_bytes": 8 * 1024 ** 3}
+    assert devices[1] == {"kind": "cuda", "device": "cuda:0", "name": "Fake GPU", "memory_bytes": 8 * 1024 ** 3}
 
 
 def test_missing_library_and_interpreter_are_clear_errors(scene, tmp_path, monkeypatch, fakeLibraryRoot):
@@ -779,6 +811,22 @@ def test_widget_segments_shows_results_and_opens_the_editor(logic, scene):
     assert again.ui.ttaCheckBox.checked and again.ui.deviceComboBox.currentData == "cpu"
     assert again.ui.resultsTable.rowCount == 3 and again.ui.editButton.enabled
     again.cleanup()
+
+
+def test_widget_offers_each_gpu_by_the_librarys_name_when_there_are_several(logic, scene, monkeypatch):
+    monkeypatch.setenv("FAKE_KTS_BEHAVIOUR", "twogpus")
+    volume = addCT()
+    slicer.app.applicationLogic().GetSelectionNode().SetActiveVolumeID(volume.GetID())
+    widget = makeWidget(logic)
+    waitFor(lambda: widget._deviceQuery is None)
+    combo = widget.ui.deviceComboBox
+    assert [combo.itemData(i) for i in range(combo.count)] == ["auto", "cpu", "cuda:0", "cuda:1"]
+    assert combo.itemText(3) == "GPU: Second GPU (16.0 GB)"
+    combo.setCurrentIndex(3)
+    monkeypatch.setenv("FAKE_KTS_BEHAVIOUR", "ok")
+    runWidget(widget)
+    argv = json.loads((scene.record / "argv.json").read_text())
+    assert argv[argv.index("--device") + 1] == "cuda:1"
 
 
 def test_widget_asks_before_replacing_segments(logic, scene):
@@ -1218,10 +1266,8 @@ def test_batch_mode_segments_a_folder(logic, scene, tmp_path):
     reference = writeNifti(inputs / "case_a.nii.gz", makeCT(), obliqueIjkToRas())
     (inputs / "broken.nrrd").write_text("not an image")
     (inputs / "notes.txt").write_text("ignored")
-    dicomFolder = inputs / "patient1" / "series1"
-    dicomFolder.mkdir(parents=True)
-    (dicomFolder / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
-    cases = batch.discoverCases(str(inputs))
+    write_series(inputs / "patient1" / "series1", "1.2.826.0.1.3680043.2.1125.5")
+    cases = batch.discoverCases(logic, str(inputs))
     assert [(c.name, c.kind) for c in cases] == [("broken", "file"), ("case_a", "file"), ("patient1_series1", "dicom")]
 
     lines = []
@@ -1248,12 +1294,53 @@ def test_batch_mode_segments_a_folder(logic, scene, tmp_path):
     assert slicer.util.getNodesByClass("vtkMRMLSegmentationNode") == []
 
 
+def test_batch_mode_finds_the_cases_the_library_finds(logic, scene, tmp_path):
+    """One rule: batch mode's cases and names are the library's discover_cases, which the CLI uses."""
+    root = tmp_path / "in"
+    expected = write_case_tree(root)
+    cases = batch.discoverCases(logic, str(root))
+    assert [(Path(c.path).relative_to(root).as_posix(), c.name) for c in cases] == expected
+    assert [c.kind for c in cases] == ["file", "file", "dicom", "dicom", "dicom"]
+    library = discover_cases([root])
+    assert [(c.name, c.path) for c in cases] == [(c.name, str(c.path)) for c in library]
+
+
+def test_batch_mode_calls_the_librarys_case_discovery(logic, scene, tmp_path, monkeypatch):
+    import KidneyTumorSegLib.imageio as imageio
+
+    calls = []
+    monkeypatch.setattr(imageio, "discover_cases",
+                        lambda paths: calls.append(list(paths)) or [imageio.InputCase(Path(paths[0]) / "x.nrrd", "x")])
+    (tmp_path / "in").mkdir()
+    lines = []
+    code = batch.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")], logic=logic,
+                      log=lines.append)
+    assert calls == [[str(tmp_path / "in")]] and "[1/1] x" in lines and code == 1  # x.nrrd does not exist
+
+
 def test_batch_mode_usage_errors(logic, scene, tmp_path):
+    lines = []
     assert batch.main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path)], logic=logic,
-                      log=lambda s: None) == 2
+                      log=lines.append) == 2
+    assert lines == [f"error: --input must be a folder; {tmp_path / 'missing'} is not one"]
     (tmp_path / "empty").mkdir()
+    lines.clear()
     assert batch.main(["--input", str(tmp_path / "empty"), "--output", str(tmp_path)], logic=logic,
-                      log=lambda s: None) == 2
+                      log=lines.append) == 2
+    assert lines[0].startswith("error: No input images found in ")  # the library's message
+    # A device name is the library's to judge: its message, before any case runs.
+    writeNifti(tmp_path / "empty" / "case.nii.gz", makeCT(), obliqueIjkToRas())
+    with pytest.raises(DeviceError) as library:
+        parse_device("gpu")
+    lines.clear()
+    assert batch.main(["--input", str(tmp_path / "empty"), "--output", str(tmp_path / "out"), "--device", "gpu"],
+                      logic=logic, log=lines.append) == 2
+    assert lines == [f"error: {library.value}"] and not (tmp_path / "out").exists()
+    lines.clear()
+    assert batch.main(["--input", str(tmp_path / "empty"), "--output", str(tmp_path / "out"), "--device", "cuda:1"],
+                      logic=logic, log=lines.append) == 0, lines
+    argv = json.loads((scene.record / "argv.json").read_text())
+    assert argv[argv.index("--device") + 1] == "cuda:1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1354,8 +1441,8 @@ ALLOWED_METHODS = {
     # SimpleITK.Image (ITK names)
     "ReadImage", "GetArrayFromImage", "GetImageFromArray", "GetSize", "GetSpacing", "GetOrigin", "GetDirection",
     "SetDirection",
-    # KidneyTumorSegLib.errors (the library's own exception, imported in-process)
-    "InputError",
+    # KidneyTumorSegLib.errors (the library's own exceptions, imported in-process)
+    "InputError", "DeviceError",
     # PyTorch Utils extension (PyTorchUtils.py)
     "PyTorchUtilsLogic",
     # DICOMLib.DICOMUtils
@@ -1406,7 +1493,8 @@ def _realClasses():
 
 
 #: Allowed names that no wheel here can confirm: Slicer application / extension modules, the library.
-NOT_IN_WHEELS = {"PyTorchUtilsLogic", "TemporaryDICOMDatabase", "InputError"}
+LIBRARY_ERRORS = {"InputError", "DeviceError"}  # checked against KidneyTumorSegLib.errors instead
+NOT_IN_WHEELS = {"PyTorchUtilsLogic", "TemporaryDICOMDatabase"} | LIBRARY_ERRORS
 
 
 def test_allowed_names_exist_in_real_slicer_core():
@@ -1416,6 +1504,9 @@ def test_allowed_names_exist_in_real_slicer_core():
     missing = sorted(name for name in ALLOWED_METHODS - NOT_IN_WHEELS
                      if not any(hasattr(cls, name) for cls in classes))
     assert not missing, missing
+    import KidneyTumorSegLib.errors as libraryErrors
+
+    assert all(issubclass(getattr(libraryErrors, name), libraryErrors.KidneyTumorSegError) for name in LIBRARY_ERRORS)
     for chain in sorted(ALLOWED_NAMESPACE_NAMES):
         parts = chain.split(".")
         if parts[0] == "slicer" and parts[1].startswith("vtk"):

@@ -5,10 +5,11 @@
 ``slicer-core`` wheel installed (``python batch_segment.py ...``: no Slicer application, so
 :func:`prepareScene` sets up a scene with the Segmentations and Volumes logics). Both read
 volumes with the Volumes logic's archetype reader and write segmentations with a
-``vtkMRMLSegmentationStorageNode``, so they write the same files. Each NIfTI/NRRD/MetaImage
-file in the input folder is one case, and so is each sub-folder holding a DICOM series (DICOM
-needs the Slicer application). Every case gets ``<case>.seg.nrrd`` in the output folder, and
-``measurements.csv`` gets one row per case (``status`` ok/failed with the reason). With
+``vtkMRMLSegmentationStorageNode``, so they write the same files. The cases, and their names,
+are those the library's command line finds in the folder (``imageio.discover_cases``, the one
+rule: the NIfTI/NRRD/MetaImage files directly in it and every folder below it holding a DICOM
+series; DICOM needs the Slicer application). Every case gets ``<case>.seg.nrrd`` in the output
+folder, and ``measurements.csv`` gets one row per case (``status`` ok/failed with the reason). With
 ``--dicom-seg`` each DICOM case also gets ``<case>.dcm``, a DICOM SEG written by the library's
 own command line (the same code as ``kidney-tumor-seg segment FOLDER -o case.dcm``). The exit
 code is 1 if any case failed.
@@ -31,7 +32,6 @@ from .logic import KidneyTumorSegLogic, SegmentationError
 
 logger = logging.getLogger(__name__)
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: seconds one DICOM SEG run of the library may take
 DICOM_SEG_TIMEOUT_S = 3600.0
 
@@ -44,39 +44,15 @@ class Case:
     path: str
 
 
-def _isDicomFile(path: str) -> bool:
+def discoverCases(logic: KidneyTumorSegLogic, inputDir: str) -> List[Case]:
+    """The cases in ``inputDir`` by the library's rule (``imageio.discover_cases``, which the command
+    line uses too), named as the command line names them; SegmentationError when there is none."""
+    imageio, errors = logic.libraryModule("imageio"), logic.libraryModule("errors")
     try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def _caseName(fileName: str) -> str:
-    lowered = fileName.lower()
-    for suffix in VOLUME_SUFFIXES:
-        if lowered.endswith(suffix):
-            return fileName[:-len(suffix)]
-    return fileName
-
-
-def discoverCases(inputDir: str) -> List[Case]:
-    """Volume files directly in ``inputDir`` and folders (at any depth) holding DICOM files, sorted by name."""
-    if not os.path.isdir(inputDir):
-        raise FileNotFoundError(f"input folder {inputDir} does not exist")
-    cases = []
-    for entry in sorted(os.listdir(inputDir)):
-        path = os.path.join(inputDir, entry)
-        if os.path.isfile(path) and entry.lower().endswith(VOLUME_SUFFIXES):
-            cases.append(Case(_caseName(entry), "file", path))
-    for folder, _, files in sorted(os.walk(inputDir)):
-        if folder == inputDir:
-            continue
-        if any(name.lower().endswith(".dcm") or _isDicomFile(os.path.join(folder, name)) for name in sorted(files)):
-            relative = os.path.relpath(folder, inputDir).replace(os.sep, "_")
-            cases.append(Case(relative, "dicom", folder))
-    return cases
+        found = imageio.discover_cases([inputDir])
+    except errors.InputError as exc:
+        raise SegmentationError(str(exc))
+    return [Case(case.name, "dicom" if case.is_dicom else "file", str(case.path)) for case in found]
 
 
 def hasApplication() -> bool:
@@ -238,7 +214,7 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--input", required=True, help="folder of CT files and/or DICOM series folders")
     parser.add_argument("--output", required=True, help="folder for <case>.seg.nrrd and measurements.csv")
     parser.add_argument("--model", default=None, help="model name or package folder (default: the bundled default)")
-    parser.add_argument("--device", default="auto", choices=process.DEVICE_CHOICES)
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (slower)")
     parser.add_argument("--no-cyst-segment", action="store_true", help="keep cysts inside the Kidney segment")
     parser.add_argument("--force", action="store_true", help="segment volumes that do not look like CT in HU")
@@ -254,18 +230,19 @@ def main(argv: Sequence[str], logic: Optional[KidneyTumorSegLogic] = None,
         args = parseArguments(argv)
     except SystemExit as exc:
         return int(exc.code or 0) and 2
-    try:
-        cases = discoverCases(args.input)
-    except FileNotFoundError as exc:
-        log(f"error: {exc}")
-        return 2
-    if not cases:
-        log(f"error: no CT files or DICOM folders in {args.input}")
+    if not os.path.isdir(args.input):
+        log(f"error: --input must be a folder; {args.input} is not one")
         return 2
     if not hasApplication() and logic is None:
         prepareScene()
     logic = logic or KidneyTumorSegLogic()
-    options = dict(model=args.model, device=args.device, tta=args.tta,
+    try:
+        device = logic.checkedDevice(args.device)  # a bad name is a usage error, before any case runs
+        cases = discoverCases(logic, args.input)
+    except SegmentationError as exc:
+        log(f"error: {exc}")
+        return 2
+    options = dict(model=args.model, device=device, tta=args.tta,
                    cystSegment=not args.no_cyst_segment, force=args.force)
     rows = runBatch(logic, cases, args.output, options, log=log, dicomSeg=args.dicom_seg)
     csvPath = os.path.join(args.output, "measurements.csv")

@@ -479,6 +479,18 @@ class KidneyTumorSegLogic(ScriptedLoadableModuleLogic):
             importlib.invalidate_caches()
             return importlib.import_module(moduleName)
 
+    def checkedDevice(self, device: Optional[str]) -> str:
+        """``device`` as the library's ``device.parse_device`` names it (auto, cpu, cuda, cuda:N, mps):
+        the library's rule, not a copy; a name it refuses raises SegmentationError with its message."""
+        try:
+            deviceModule, errors = self.libraryModule("device"), self.libraryModule("errors")
+        except ImportError as exc:
+            raise SegmentationError(f"KidneyTumorSegLib could not be imported to check the device: {exc}")
+        try:
+            return deviceModule.parse_device(device)
+        except errors.DeviceError as exc:
+            raise SegmentationError(str(exc))
+
     def ctCheck(self, volumeNode) -> Tuple[str, str]:
         """The library's own rule for "is this a CT" (``validation.validate_ct_image``, what the
         CLI runs before segmenting), applied to the volume's voxels: ``(refusal, notCT)``.
@@ -526,10 +538,12 @@ class KidneyTumorSegLogic(ScriptedLoadableModuleLogic):
                           onProgress=None, onLog=None, onFinished=None) -> SegmentationRun:
         """Start a background segmentation and return its :class:`SegmentationRun` (poll it).
 
-        ``model``: name or package folder (None = default); ``device``: auto|cpu|cuda|mps;
+        ``model``: name or package folder (None = default); ``device``: auto|cpu|cuda|cuda:N|mps
+        (checked by :meth:`checkedDevice`);
         ``tta``: test-time augmentation; ``cystSegment``: cysts as their own segment when the
         model predicts them; ``force``: segment even if intensities do not look like CT.
         """
+        device = self.checkedDevice(device)
         refusal, notCT = self.ctCheck(volumeNode)
         if refusal:
             raise SegmentationError(refusal)

@@ -25,7 +25,6 @@ from typing import Dict, List, Optional, Protocol, Sequence, Union
 logger = logging.getLogger(__name__)
 
 LIBRARY_PACKAGE = "KidneyTumorSegLib"
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
 # --------------------------------------------------------------------------------------
@@ -83,12 +82,11 @@ def buildSegmentCommand(python: str, inputPath: str, outputPath: str, statsPath:
                         force: bool = False) -> List[str]:
     """Argument list of ``python -m KidneyTumorSegLib segment``.
 
-    ``model`` is a model name or package folder (None: the library's default); ``device``
-    one of ``auto|cpu|cuda|mps``. Progress is requested as JSON lines; ``--overwrite``
-    because the output lives in a fresh temporary folder owned by this run.
+    ``model`` is a model name or package folder (None: the library's default); ``device`` is
+    passed as given (the library's ``device.parse_device`` judges names: the logic checks them
+    with it before a run). Progress is requested as JSON lines; ``--overwrite`` because the
+    output lives in a fresh temporary folder owned by this run.
     """
-    if device not in DEVICE_CHOICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)}; got {device!r}")
     args = [python, "-m", LIBRARY_PACKAGE, "segment", inputPath, "-o", outputPath,
             "--device", device, "--stats", statsPath, "--progress", "json", "--overwrite"]
     if model:
