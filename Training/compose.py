@@ -21,7 +21,7 @@ from typing import Mapping, Optional
 import torch
 
 from KidneyTumorSegLib.errors import InputError
-from KidneyTumorSegLib.manifest import StageSpec
+from KidneyTumorSegLib.manifest import unweighted_stage
 from KidneyTumorSegLib.models import ModelPackage, load_package, save_package
 
 from .export import _stage_weights
@@ -31,9 +31,8 @@ from .runs import git_commit, read_run
 
 def _contract(stage: Mapping) -> tuple:
     """What the other stages rely on: name, role, classes and inputs (validated as the library reads them)."""
-    # weights are not part of the contract (and not written yet): a placeholder lets the entry validate
-    placeholder = [{"file": "unchecked.pt", "sha256": "0" * 64}]
-    spec = StageSpec.from_dict(dict(stage, weights=placeholder), f"stage {stage['name']!r}")
+    # weights are not part of the contract (and not written yet)
+    spec = unweighted_stage(stage)
     return spec.name, spec.role, tuple(spec.classes), spec.inputs.to_dict()
 
 
