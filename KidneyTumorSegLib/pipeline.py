@@ -19,6 +19,9 @@ For each stage of the manifest, in order:
 
 Then post-processing and measurements on the input grid. The output has exactly the
 input's size, spacing, origin and direction.
+
+Steps 1-3 are the functions of ``stages`` (regions, input channels, predictor,
+``predict_stage``), which training uses too; this module drives them and writes the output.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 One :class:`StageTrainer` trains one network of a recipe through its phases. Per epoch:
 ``iterations`` batches from :class:`~Training.sampling.PatchSampler` (loaded in worker processes
 when ``workers > 0``), augmented on the device, forward (mixed precision on CUDA), loss, step;
-the schedule sees the epoch's mean loss; validation (every ``validation.every_epochs``) runs the
-library's sliding-window predictor over each validation volume of the cache and reports KiTS19
-kidney / tumor Dice; then the checkpoint and the metrics log are written.
+the schedule sees the epoch's mean loss; validation (every ``validation.every_epochs``) predicts each
+validation volume of the cache with the library's :func:`KidneyTumorSegLib.stages.predict_stage` (the
+function the Segmenter predicts every region with, so window blending, margins and padding are the
+deployed package's) and reports KiTS19 kidney / tumor Dice; then the checkpoint and the metrics log are written.
 
 Files in the stage folder:
 
