@@ -48,7 +48,7 @@ import json
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from .errors import ModelPackageError
 from .labels import LABEL_VALUES
@@ -385,11 +385,8 @@ class ModelManifest:
         raise KeyError(name)
 
     def network_in_channels(self, stage: StageSpec) -> int:
-        """Input channels of ``stage``'s network: k slices (or 1) plus the prior stage's classes."""
-        channels = stage.inputs.slices_as_channels or 1
-        if stage.inputs.prior_from is not None:
-            channels += len(self.stage(stage.inputs.prior_from).classes)
-        return channels
+        """Input channels of ``stage``'s network (:func:`network_in_channels`)."""
+        return network_in_channels(stage, self.stages)
 
     @property
     def has_cyst(self) -> bool:
@@ -402,6 +399,32 @@ class ModelManifest:
             "labels": dict(self.labels), "stages": [s.to_dict() for s in self.stages],
             "postprocessing": self.postprocessing.to_dict(), "provenance": dict(self.provenance),
         }
+
+
+def network_in_channels(stage: StageSpec, stages: Sequence[StageSpec] = ()) -> int:
+    """Input channels of ``stage``'s network: k slices (or 1) plus the classes of its ``prior_from`` stage,
+    looked up by name in ``stages`` (a manifest's stages; a ValueError when it is not there)."""
+    channels = stage.inputs.slices_as_channels or 1
+    prior = stage.inputs.prior_from
+    if prior is not None:
+        found = [s for s in stages if s.name == prior]
+        if not found:
+            raise ValueError(f"stage {stage.name!r} takes the probabilities of stage {prior!r} (prior_from), "
+                             f"which is not among the stages given ({', '.join(s.name for s in stages) or 'none'})")
+        channels += len(found[0].classes)
+    return channels
+
+
+#: what an entry's weights stand in for before training has written them (see :func:`unweighted_stage`)
+PLACEHOLDER_WEIGHTS = ({"file": "unwritten.pt", "sha256": "0" * 64},)
+
+
+def unweighted_stage(entry: Mapping, where: Optional[str] = None) -> StageSpec:
+    """A stage entry without weights yet (a training recipe's, a replacement checked before its weights
+    exist) validated and typed exactly as a package's stage; its ``weights`` are a placeholder
+    (:data:`PLACEHOLDER_WEIGHTS`) whatever the entry holds, so never load them."""
+    d = dict(entry, weights=[dict(w) for w in PLACEHOLDER_WEIGHTS])
+    return StageSpec.from_dict(d, where or f"stage {d.get('name')!r}")
 
 
 def read_manifest(path: Path) -> ModelManifest:

@@ -64,7 +64,7 @@ def write_overview_png(ct: sitk.Image, labels: sitk.Image, path: Path, truth: Op
     """Write ``path`` (PNG): one row per kidney component (up to two; the volume centre if none),
     axial, coronal and sagittal panels through the kidney's largest tumor (its centre if it has
     none). ``ct`` in HU, ``labels`` (and ``truth``) on any grid; ``truth`` is drawn dashed."""
-    from .pipeline import component_boxes, label_mask
+    from .stages import component_boxes, label_mask
 
     canonical, _, _ = geo.canonical_axes(ct.GetDirection())
     kidneys = component_boxes(label_mask(labels, ("kidney", "tumor", "cyst")), 0.0, 2)

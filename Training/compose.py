@@ -25,7 +25,7 @@ from typing import Mapping, Optional
 import torch
 
 from KidneyTumorSegLib.errors import InputError
-from KidneyTumorSegLib.manifest import StageSpec
+from KidneyTumorSegLib.manifest import unweighted_stage
 from KidneyTumorSegLib.models import ModelPackage, load_package, save_package
 
 from .export import _stage_weights
@@ -35,8 +35,7 @@ from .runs import git_commit, read_run
 
 def _entry(stage: Mapping) -> dict:
     """A stage entry as the library reads it, without its weights (what an ensemble's members must share)."""
-    placeholder = [{"file": "unchecked.pt", "sha256": "0" * 64}]
-    d = StageSpec.from_dict(dict(stage, weights=placeholder), f"stage {stage['name']!r}").to_dict()
+    d = unweighted_stage(stage).to_dict()
     d.pop("weights", None)
     return d
 

@@ -1,7 +1,7 @@
 """Preprocessing cache: every case resampled to each stage's working grid, as memory-mapped .npy files.
 
 A stage's training volumes are made by the library's own inference preprocessing
-(:func:`KidneyTumorSegLib.pipeline.stage_regions` and :func:`stage_input_channels`), with the
+(:func:`KidneyTumorSegLib.stages.stage_regions` and :func:`stage_input_channels`), with the
 regions taken from the truth instead of a previous stage's prediction: a ``whole`` stage gets the
 full volume, a ``components`` stage one volume per kidney box (grown by the manifest's margin),
 a ``fixed_box`` stage the box centred on the truth's foreground, and a masked stage
@@ -38,8 +38,8 @@ import SimpleITK as sitk
 from KidneyTumorSegLib import geometry as geo
 from KidneyTumorSegLib.errors import InputError, OutputError
 from KidneyTumorSegLib.labels import LABEL_VALUES
-from KidneyTumorSegLib.manifest import ModelManifest, StageSpec
-from KidneyTumorSegLib.pipeline import StageOutput, stage_input_channels, stage_regions
+from KidneyTumorSegLib.manifest import PLACEHOLDER_WEIGHTS, ModelManifest, StageSpec
+from KidneyTumorSegLib.stages import StageOutput, stage_input_channels, stage_regions
 
 from .dataset import Case, case_name, list_cases, read_case, refuse_validation_only
 from .fingerprint import compute_fingerprint
@@ -92,7 +92,7 @@ def _stage_and_manifest(stage_manifest: dict) -> tuple[StageSpec, ModelManifest]
     entry = dict(stage_manifest)
     if entry.get("region"):
         entry["region"] = _training_region(entry["region"])  # the truth's kidneys are never judged implausible
-    entry["weights"] = [{"file": "w.pt", "sha256": "0" * 64}]
+    entry["weights"] = [dict(w) for w in PLACEHOLDER_WEIGHTS]
     if entry.get("inputs", {}).get("prior_from"):
         raise InputError(f"stage {entry['name']!r}: training a cascade with prior_from is not supported")
     first = dict(entry, region={"kind": "whole"}, inputs={k: v for k, v in entry.get("inputs", {}).items() if k == "slices_as_channels"},

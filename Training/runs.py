@@ -246,7 +246,8 @@ def train_run(recipe_name: Optional[str], data: Optional[Path], out: Path, fold:
             _check_unchanged(Path(init["file"]), init["sha256"])
         trainer = StageTrainer(out / stage["name"], stage, folders, train_records, val_records, dev,
                                seed=run["seed"] * 1000 + i, workers=workers, hooks=hooks, progress=progress, dist=dist,
-                               init_weights=Path(init["file"]) if init else None, mix_sources=mix_sources)
+                               init_weights=Path(init["file"]) if init else None, mix_sources=mix_sources,
+                               earlier_stages=run["resolved"]["stages"][:i])
         summaries[stage["name"]] = trainer.fit(max_epochs=max_epochs, resume=resume, max_minutes=max_minutes)
     if dist is not None:
         import torch.distributed as tdist

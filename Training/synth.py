@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from KidneyTumorSegLib import geometry as geo
 from KidneyTumorSegLib.errors import InputError
 from KidneyTumorSegLib.labels import CYST, KIDNEY, TUMOR
-from KidneyTumorSegLib.pipeline import StageOutput, stage_regions
+from KidneyTumorSegLib.stages import StageOutput, stage_regions
 
 from .dataset import LABELS_NAME, case_name, list_cases, read_labels, refuse_validation_only
 from .phantom_anatomy import Grid, Tissue, body_tissues, estimate_frame, frame_from_grid, hilum_quadrics, smooth_noise

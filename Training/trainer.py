@@ -3,9 +3,10 @@
 One :class:`StageTrainer` trains one network of a recipe through its phases. Per epoch:
 ``iterations`` batches from :class:`~Training.sampling.PatchSampler` (loaded in worker processes
 when ``workers > 0``), augmented on the device, forward (mixed precision on CUDA), loss, step;
-the schedule sees the epoch's mean loss; validation (every ``validation.every_epochs``) runs the
-library's sliding-window predictor over each validation volume of the cache and reports KiTS19
-kidney / tumor Dice; then the checkpoint and the metrics log are written.
+the schedule sees the epoch's mean loss; validation (every ``validation.every_epochs``) predicts each
+validation volume of the cache with the library's :func:`KidneyTumorSegLib.stages.predict_stage` (the
+function the Segmenter predicts every region with, so window blending, margins and padding are the
+deployed package's) and reports KiTS19 kidney / tumor Dice; then the checkpoint and the metrics log are written.
 
 Files in the stage folder:
 
@@ -37,10 +38,9 @@ import numpy as np
 import torch
 
 from KidneyTumorSegLib.errors import OutputError
-from KidneyTumorSegLib.labels import LABEL_VALUES
+from KidneyTumorSegLib.manifest import StageSpec, network_in_channels, unweighted_stage
 from KidneyTumorSegLib.networks import build_network
-from KidneyTumorSegLib.normalization import IntensityNormalization
-from KidneyTumorSegLib.pipeline import AIR_HU
+from KidneyTumorSegLib.stages import class_values, pad_value, predict_stage, stage_labels, stage_predictor
 
 from .augmentation import Augmenter
 from .distributed import DistInfo, barrier, mean_across
@@ -105,19 +105,27 @@ class StageTrainer:
     validation cases; ``device``: a torch device; ``seed``: everything random derives from it.
     ``mix_sources[p]``: ``(folder, records)`` of a second cache (CT images) that phase p mixes in by batch when its
     training settings have ``mix`` {``fraction``, ``augmentation``} (e.g. rendered phantoms beside a synthesis cache).
+    ``earlier_stages``: the resolved stages before this one; only a cascade (``prior_from``) needs them, for the
+    prior stage's classes (input channels).
+
+    Each phase's manifest entry is read as the library reads a package's stage (:attr:`specs`, typed and
+    validated by :func:`~KidneyTumorSegLib.manifest.unweighted_stage`): classes, network, input channels,
+    normalisation, spacing and everything validation's sliding window uses come from there, never from the raw dict.
     """
 
     def __init__(self, out_dir: Path, stage: dict, folders: Sequence[Path], train_records: Sequence[list],
                  val_records: Sequence[list], device: torch.device, seed: int = 0, workers: int = 0,
                  hooks: Sequence[Hook] = (), progress: Optional[Callable[[int, int, str], None]] = None,
                  dist: Optional[DistInfo] = None, init_weights: Optional[Path] = None,
-                 mix_sources: Optional[Sequence[Optional[tuple]]] = None):
+                 mix_sources: Optional[Sequence[Optional[tuple]]] = None, earlier_stages: Sequence[dict] = ()):
         self.out = Path(out_dir)
         self.mix_sources = list(mix_sources) if mix_sources else [None] * len(stage["phases"])
         self.init_weights = Path(init_weights) if init_weights else None
         self.stage = stage
         self.name = stage["name"]
         self.phases = stage["phases"]
+        self.specs: list[StageSpec] = [unweighted_stage(ph["manifest"], f"stage {self.name!r} phase {p}")
+                                       for p, ph in enumerate(self.phases)]
         self.folders = [Path(f) for f in folders]
         self.train_records, self.val_records = list(train_records), list(val_records)
         self.device = device
@@ -131,13 +139,13 @@ class StageTrainer:
         starts = np.cumsum([0] + [int(p["epochs"]) for p in self.phases])
         self.phase_starts = [int(s) for s in starts]
         self.total_epochs = self.phase_starts[-1]
-        final = self.phases[-1]["manifest"]
+        final = self.specs[-1]  # the network the stage exports
         self.keep_top_k = int(self.phases[-1]["training"].get("keep_top_k", 1))
         torch.manual_seed(_seed_int(self.seed, 1))
-        inputs = final.get("inputs") or {}
-        self.in_channels = int(inputs.get("slices_as_channels") or 1)
-        self.net = build_network(final["network"]["name"], in_channels=self.in_channels, num_classes=len(final["classes"]),
-                                 **final["network"].get("kwargs", {})).to(device)
+        earlier = [unweighted_stage(s["phases"][-1]["manifest"], f"stage {s['name']!r}") for s in earlier_stages]
+        self.in_channels = network_in_channels(final, earlier)
+        self.net = build_network(final.network.name, in_channels=self.in_channels, num_classes=len(final.classes),
+                                 **final.network.kwargs).to(device)
         self.spatial_dims = int(getattr(self.net, "spatial_dims", 3))
         self.model = self.net
         if dist is not None:
@@ -160,17 +168,18 @@ class StageTrainer:
     def _start_phase(self, p: int) -> None:
         self.phase = p
         phase = self.phases[p]
-        m, t = phase["manifest"], phase["training"]
+        spec, t = self.specs[p], phase["training"]
+        classes = list(spec.classes)
         self.optimizer = build_optimizer(t["optimizer"], self.net.parameters())
         self.schedule = EpochSchedule(t.get("scheduler"), float(t["optimizer"]["lr"]), int(phase["epochs"]))
-        self.loss_fn = CompositeLoss(t["loss"]["terms"], m["classes"], t["loss"].get("outputs"))
-        norm = IntensityNormalization.from_dict(m["normalization"])
-        self.pad_value = float(norm.normalized_value(AIR_HU))
+        self.loss_fn = CompositeLoss(t["loss"]["terms"], classes, t["loss"].get("outputs"))
+        norm = spec.normalization
+        self.pad_value = pad_value(spec)
         patch_xyz = list(t["patch_size"])
         patch = tuple(reversed(patch_xyz))[-self.spatial_dims:] if self.spatial_dims == 2 else tuple(reversed(patch_xyz))
-        self.sampler = PatchSampler(self.folders[p], self.train_records[p], patch, t, self.pad_value, len(m["classes"]),
+        self.sampler = PatchSampler(self.folders[p], self.train_records[p], patch, t, self.pad_value, len(classes),
                                     self.seed, p)
-        spacing = [1.0 if s is None else float(s) for s in m["spacing_mm"]]
+        spacing = [1.0 if s is None else float(s) for s in spec.spacing_mm]
         self.augmenter = Augmenter(t.get("augmentation") or {}, spacing, self.spatial_dims, self.pad_value,
                                    self.in_channels, norm.scale, norm)
         self.mix = None
@@ -182,7 +191,7 @@ class StageTrainer:
             folder, records = self.mix_sources[p]
             mix_training = dict(t, augmentation=spec.get("augmentation") or {})
             # its own sampler seed: the two sources must not draw the same patch positions
-            sampler = PatchSampler(folder, records, patch, mix_training, self.pad_value, len(m["classes"]),
+            sampler = PatchSampler(folder, records, patch, mix_training, self.pad_value, len(classes),
                                    _seed_int(self.seed, 3), p)
             augmenter = Augmenter(spec.get("augmentation") or {}, spacing, self.spatial_dims, self.pad_value,
                                   self.in_channels, norm.scale, norm)
@@ -344,38 +353,39 @@ class StageTrainer:
         return float(np.mean(losses))
 
     @torch.no_grad()
-    def validate(self, p: Optional[int] = None, max_cases: Optional[int] = None) -> dict:
-        """KiTS19 kidney / tumor Dice of the network on phase ``p``'s validation volumes (sliding window
-        exactly as in inference, no test-time augmentation): per case over all its regions, then the
-        mean over cases (a case with the structure in neither truth nor prediction scores 1)."""
-        from KidneyTumorSegLib.predictor import StagePredictor
-        from KidneyTumorSegLib.sliding_window import sliding_window_inference
+    def predict(self, p: int, image: np.ndarray) -> np.ndarray:
+        """Class probabilities float32 ``[K, z, y, x]`` of the network (as it is now) on a cached volume
+        ``image`` float32 ``[C, z, y, x]`` of phase ``p``: the library's :func:`~KidneyTumorSegLib.stages.predict_stage`
+        with phase ``p``'s stage entry, exactly as inference runs it on that region, without test-time augmentation
+        (it triples validation time and is chosen at deployment)."""
+        spec = self.specs[p]
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return predict_stage(spec, stage_predictor(spec, [self.net], self.device, tta=False), image, self.device)
+        finally:
+            self.net.train(was_training)
 
+    def validate(self, p: Optional[int] = None, max_cases: Optional[int] = None) -> dict:
+        """KiTS19 kidney / tumor Dice of the network on phase ``p``'s validation volumes (:meth:`predict`: the
+        sliding window exactly as in inference, no test-time augmentation): per case over all its regions, then the
+        mean over cases (a case with the structure in neither truth nor prediction scores 1)."""
         p = self.phase if p is None else p
-        m = self.phases[p]["manifest"]
-        values = np.asarray([LABEL_VALUES[c] for c in m["classes"]], dtype=np.uint8)
+        spec = self.specs[p]
+        values = class_values(spec)
         records = self.val_records[p]
         if max_cases:
             keep = sorted({r["case"] for r in records})[: int(max_cases)]
             records = [r for r in records if r["case"] in keep]
-        self.net.eval()
-        predictor = StagePredictor([self.net], (), self.device)
         counts: dict = {}  # case -> structure -> [intersection, predicted + true voxels]
-        try:
-            for r in records:
-                image, target = load_volume(self.folders[p], r["stem"])
-                probs = sliding_window_inference(torch.from_numpy(np.array(image)), predictor,
-                                                 tuple(reversed(m["patch_size"])), num_outputs=len(m["classes"]),
-                                                 overlap=float(m.get("overlap", 0.5)), batch_size=int(m.get("batch_size", 1)),
-                                                 pad_value=self.pad_value, device=self.device)
-                pred = values[probs.argmax(0).numpy()]
-                truth = values[np.asarray(target)]
-                for name, (a, b) in structure_masks(pred, truth, values).items():
-                    c = counts.setdefault(r["case"], {}).setdefault(name, [0, 0])
-                    c[0] += int(np.logical_and(a, b).sum())
-                    c[1] += int(a.sum()) + int(b.sum())
-        finally:
-            self.net.train()
+        for r in records:
+            image, target = load_volume(self.folders[p], r["stem"])
+            pred = stage_labels(spec, self.predict(p, image))
+            truth = values[np.asarray(target)]
+            for name, (a, b) in structure_masks(pred, truth, values).items():
+                c = counts.setdefault(r["case"], {}).setdefault(name, [0, 0])
+                c[0] += int(np.logical_and(a, b).sum())
+                c[1] += int(a.sum()) + int(b.sum())
         scores: dict = {}
         for per_case in counts.values():
             for name, (inter, total) in per_case.items():
