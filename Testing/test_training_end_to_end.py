@@ -161,10 +161,11 @@ def test_compose_replaces_only_the_named_stage(trained, prepared, capsys):
     train_run("phantom_fast", prepared / "cache", other, smoke=True, seed=1, stages=["coarse"])
     out = prepared / "composed"
     assert main(["--quiet", "compose", "--base", str(base.root), "--stage", f"coarse={other}", "--out", str(out),
-                 "--version", "1.1.0"]) == 0
+                 "--version", "1.1.0", "--description", "base with a new coarse stage"]) == 0
     composed = load_package(str(out))
     m = composed.manifest
     assert (m.name, m.version) == ("base-model", "1.1.0") and m.postprocessing == base.manifest.postprocessing
+    assert m.description == "base with a new coarse stage"
     assert m.provenance["base"]["version"] == "1.0.0" and m.provenance["base"]["provenance"]["recipe"] == "phantom_fast"
     assert set(m.provenance["replaced_stages"]) == {"coarse"}
     assert m.provenance["replaced_stages"]["coarse"]["run"] == str(other)

@@ -186,7 +186,7 @@ def cmd_compose(args) -> int:
 
     package = compose_package(args.base, pairs(args.stage, "--stage"), Path(args.out), name=args.name,
                               version=args.version, allow_unfinished=args.allow_unfinished, overwrite=args.overwrite,
-                              additions=pairs(args.add, "--add"))
+                              additions=pairs(args.add, "--add"), description=args.description)
     m = package.manifest
     print(json.dumps({"package": str(package.root), "name": m.name, "version": m.version,
                       "weights": {s.name: [w.file for w in s.weights] for s in m.stages}}))
@@ -330,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="package folder to write")
     s.add_argument("--name", help="package name (default: the base's)")
     s.add_argument("--version", help="package version (default: the base's)")
+    s.add_argument("--description", help="package description (default: the base's)")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--allow-unfinished", action="store_true", help="take a stage stopped before its last epoch")
     s.set_defaults(func=cmd_compose)

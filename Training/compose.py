@@ -48,7 +48,7 @@ def _contract(stage: Mapping) -> tuple:
 
 def compose_package(base: str, replacements: Mapping[str, Path], out: Path, name: Optional[str] = None,
                     version: Optional[str] = None, allow_unfinished: bool = False, overwrite: bool = False,
-                    additions: Optional[Mapping[str, Path]] = None) -> ModelPackage:
+                    additions: Optional[Mapping[str, Path]] = None, description: Optional[str] = None) -> ModelPackage:
     """Write ``out``: package ``base`` (an installed name or a folder) with the stages named in ``replacements``
     (stage name -> training run folder) taken from those runs, and the stages named in ``additions`` given the
     run's weights as extra ensemble members; returns the loaded package."""
@@ -100,6 +100,7 @@ def compose_package(base: str, replacements: Mapping[str, Path], out: Path, name
     manifest["provenance"] = provenance
     manifest["name"] = name or manifest["name"]
     manifest["version"] = version or manifest["version"]
+    manifest["description"] = description or manifest["description"]
     return save_package(Path(out), manifest, states, overwrite=overwrite)
 
 
