@@ -16,12 +16,15 @@ from Training.real_ct import check_scan
 torch.set_num_threads(1)
 REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct"
 
-# Regression floors of the shipped model, a little below what it measures (kidney-vbnet-phantom 0.3.0 with the
-# plausibility rules, 2026-12-02, `python benchmarks/real_ct_check.py`): IRCAD 1.1 kidney Dice 0.360 with 283 mL of
-# false lesion (the patient has none), example_ct_sm 0.526 with 147 mL. These are far from what a clinical tool needs
-# (issue 13 asks for >= 0.90 and <= 5 mL); they only stop a change from making the shipped model worse on patients.
-FLOORS = {"ircad_1.1": {"kidney_dice": 0.33, "max_lesion_ml": 300.0},
-          "example_ct_sm": {"kidney_dice": 0.50, "max_lesion_ml": 160.0}}
+# Regression floors of the shipped model, a little below what it measures (kidney-vbnet-phantom 0.4.0 with the
+# plausibility rules, 2026-12-02, `python benchmarks/real_ct_check.py`): IRCAD 1.1 kidney Dice 0.579 with 264 mL of
+# false lesion (the patient has none), example_ct_sm 0.399 with 176 mL. 0.3.0 measured 0.360 / 283 mL and 0.526 /
+# 147 mL: 0.4.0's added domain-randomised localisation network finds the right kidney of the contrast-enhanced scan
+# that 0.3.0 missed, and does worse on the unenhanced one (outside the model's contrast-enhanced domain; both models
+# label most of it lesion). Far from what a clinical tool needs (issue 13 asks for >= 0.90 and <= 5 mL); the floors
+# only stop a change from making the shipped model worse on patients.
+FLOORS = {"ircad_1.1": {"kidney_dice": 0.55, "max_lesion_ml": 290.0},
+          "example_ct_sm": {"kidney_dice": 0.37, "max_lesion_ml": 195.0}}
 
 
 @pytest.fixture(scope="module")

@@ -168,6 +168,7 @@ def test_compose_replaces_only_the_named_stage(trained, prepared, capsys):
     assert m.description == "base with a new coarse stage"
     assert m.provenance["base"]["version"] == "1.0.0" and m.provenance["base"]["provenance"]["recipe"] == "phantom_fast"
     assert set(m.provenance["replaced_stages"]) == {"coarse"}
+    assert m.provenance["data"]["phantoms"] is True and "stage coarse: recipe phantom_fast" in m.provenance["trained_on"]
     assert m.provenance["replaced_stages"]["coarse"]["run"] == str(other)
 
     def states(package, stage):

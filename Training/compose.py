@@ -93,7 +93,17 @@ def compose_package(base: str, replacements: Mapping[str, Path], out: Path, name
         stage.clear()
         stage.update(new)
         replaced[stage["name"]] = _run_record(Path(source), run, summary)
+    base_provenance = manifest.get("provenance", {}) or {}
+    runs = {**{f"stage {k}": v for k, v in replaced.items()}, **{f"stage {k} (added member)": v for k, v in added.items()}}
+    phantoms = bool((base_provenance.get("data") or {}).get("phantoms")) and all(v["phantoms"] for v in runs.values())
+    trained_on = "; ".join([f"base {manifest['name']} {manifest['version']}: "
+                            f"{base_provenance.get('trained_on', 'see base.provenance')}"]
+                           + [f"{k}: recipe {v['recipe']} on {v['trained_on']}" for k, v in runs.items()])
     provenance = {"composed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
+                  # what the library and the Slicer module read: all synthetic only if every part is
+                  "data": {"phantoms": phantoms, "dataset": (base_provenance.get("data") or {}).get("dataset"),
+                           "composed": True},
+                  "trained_on": trained_on,
                   "base": {"name": manifest["name"], "version": manifest["version"],
                            "provenance": manifest.get("provenance", {})},
                   "replaced_stages": replaced, "added_members": added}
@@ -105,7 +115,12 @@ def compose_package(base: str, replacements: Mapping[str, Path], out: Path, name
 
 
 def _run_record(source: Path, run: dict, summary: dict) -> dict:
-    return {"run": str(source), "recipe": run["recipe"], "dataset": run["dataset"], "mix": run.get("mix"),
+    phantoms = bool(run.get("phantoms"))
+    kind = "synthesis tissue maps of real label maps" if run.get("synthetic") else (
+        "synthetic phantoms on real label maps" if phantoms else "the dataset named here")
+    mix = run.get("mix")
+    return {"run": str(source), "recipe": run["recipe"], "dataset": run["dataset"], "phantoms": phantoms,
+            "trained_on": kind + (f" with batches of {mix['dataset']} mixed in" if mix else ""), "mix": mix,
             "init_from": run.get("init_from"), "command": run.get("command"), "commit": run.get("commit"),
             "training": summary}
 
