@@ -265,6 +265,7 @@ def test_synth_mixed_trains_on_both_sources_and_needs_the_second(tmp_path, monke
     record = json.loads((run / "run.json").read_text())
     assert record["mix"]["cache"] == str(rendered.resolve()) and record["mix"]["train_cases"] == [1, 2]
     assert record["mix"]["stages"] == ["coarse", "fine"]
+    assert record["mix"]["phantoms"] is True and record["phantoms"] is True  # rendered phantoms: still no patient
     assert drawn.count(rendered.resolve()) > 0 and drawn.count(synth.resolve()) > 0
     assert len(drawn) == 2 * 2 * 6
     with pytest.raises(InputError, match="resumed run keeps"):

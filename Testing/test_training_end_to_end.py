@@ -193,6 +193,11 @@ def test_compose_replaces_only_the_named_stage(trained, prepared, capsys):
     assert len(members) == 2 and set(joined.manifest.provenance["added_members"]) == {"coarse"}
     assert all(torch.equal(members[0][k], states(base, "coarse")[0][k]) for k in members[0])
     assert all(torch.equal(members[1][k], wanted[0][k]) for k in members[1])
+    # composing a composed package adds a member beside the others, never over one
+    again = load_package(str(compose_package(str(joined.root), {}, prepared / "joined3", additions={"coarse": other}).root))
+    files = [w.file for w in next(s for s in again.manifest.stages if s.name == "coarse").weights]
+    assert len(files) == len(set(files)) == 3
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(states(again, "coarse")[:2], members) for k in a)
     # a member must share the whole stage entry: a run with another coarse spacing cannot join
     spaced = prepared / "run_spaced"
     train_run("phantom_fast", prepared / "cache", spaced, smoke=True, stages=["coarse"],

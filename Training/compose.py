@@ -86,8 +86,8 @@ def compose_package(base: str, replacements: Mapping[str, Path], out: Path, name
                              f"(name, role, classes, inputs): {_contract(new)} vs {_contract(stage)}")
         chosen, summary = _stage_weights(Path(source), resolved, None, allow_unfinished)
         new["weights"] = []
-        for j, (_, state) in enumerate(chosen):
-            file = f"{stage['name']}_composed_{j}.pt"
+        for _, state in chosen:
+            file = _free_name(f"{stage['name']}_composed", states, package)
             states[file] = state
             new["weights"].append({"file": file})
         stage.clear()
@@ -114,6 +114,16 @@ def compose_package(base: str, replacements: Mapping[str, Path], out: Path, name
     return save_package(Path(out), manifest, states, overwrite=overwrite)
 
 
+def _free_name(stem: str, states: dict, package: Optional[ModelPackage]) -> str:
+    """``STEM_N.pt`` not yet used by the package being written (nor by the base's files, when given): composing a
+    composed package must not overwrite its members."""
+    taken = set(states) | ({w.file for s in package.manifest.stages for w in s.weights} if package else set())
+    n = 0
+    while f"{stem}_{n}.pt" in taken:
+        n += 1
+    return f"{stem}_{n}.pt"
+
+
 def _run_record(source: Path, run: dict, summary: dict) -> dict:
     phantoms = bool(run.get("phantoms"))
     kind = "synthesis tissue maps of real label maps" if run.get("synthetic") else (
@@ -137,8 +147,8 @@ def _add_members(stage: dict, source: Path, states: dict, allow_unfinished: bool
         raise InputError(f"run {source}'s stage {stage['name']!r} cannot join the base's ensemble: its entry differs in "
                          f"{', '.join(differ)} (members are averaged, so they must share the whole entry)")
     chosen, summary = _stage_weights(source, resolved, None, allow_unfinished)
-    for j, (_, state) in enumerate(chosen):
-        file = f"{stage['name']}_added_{j}.pt"
+    for _, state in chosen:
+        file = _free_name(f"{stage['name']}_added", states, None)
         states[file] = state
         stage["weights"].append({"file": file})
     return _run_record(source, run, summary)

@@ -122,7 +122,8 @@ def _mix_entry(mix_data: Optional[Path], resolved: dict, fold: Optional[int], fo
     if meta.get("synthetic"):
         raise InputError(f"--mix-data {mix_data} is a synthesis cache; the mixed-in source must hold CT images")
     train, _ = fold_split(meta["cases"], fold, folds)
-    return {"cache": str(cache.root.resolve()), "dataset": meta["dataset"], "train_cases": train, "stages": mixing}
+    return {"cache": str(cache.root.resolve()), "dataset": meta["dataset"], "train_cases": train, "stages": mixing,
+            "phantoms": is_phantom_dataset(Path(meta["dataset"]))}
 
 
 def _create_run(recipe_name: str, data: Path, out: Path, fold: Optional[int], folds: int, smoke: bool,
@@ -138,7 +139,9 @@ def _create_run(recipe_name: str, data: Path, out: Path, fold: Optional[int], fo
     train, val = fold_split(meta["cases"], fold, folds)
     run = {
         "recipe": recipe["name"], "resolved": resolved, "cache": str(cache.root.resolve()), "dataset": meta["dataset"],
-        "phantoms": is_phantom_dataset(Path(meta["dataset"])) or bool(meta.get("synthetic")),
+        # synthetic only when every source is: real CT mixed in makes it a model trained on patients
+        "phantoms": (is_phantom_dataset(Path(meta["dataset"])) or bool(meta.get("synthetic")))
+                    and (mix is None or bool(mix["phantoms"])),
         "synthetic": meta.get("synthetic"), "fold": fold, "folds": folds,
         "train_cases": train, "val_cases": val, "seed": int(seed),
         "command": "python -m Training " + " ".join(sys.argv[1:]), "commit": git_commit(),
