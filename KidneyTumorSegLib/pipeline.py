@@ -63,6 +63,21 @@ class SegmentationResult:
     notes: list = field(default_factory=list)
 
 
+@dataclass
+class RunState:
+    """One image's run through the cascade: the input, the label array the segment stages write into (input
+    grid, z, y, x), the anatomical landmarks, the cancel token, the previous stage's output, every stage's output
+    by name, and the notes for the user."""
+
+    image: sitk.Image
+    out: Optional[np.ndarray]
+    landmarks: Optional[object] = None
+    cancel: Optional[object] = None
+    previous: Optional[StageOutput] = None
+    outputs: dict = field(default_factory=dict)
+    notes: list = field(default_factory=lambda: _Notes())
+
+
 class Segmenter:
     """A loaded model package on a device, ready to segment many images.
 
@@ -116,16 +131,14 @@ class Segmenter:
         from .measurements import measure
         from .postprocessing import postprocess
 
-        timings, notes = {}, _Notes()
+        timings = {}
         start_all = time.perf_counter()
         landmarks = None
         if self._uses_anatomy():
             t0 = time.perf_counter()
             landmarks = estimate_landmarks(image)
             timings["anatomy"] = time.perf_counter() - t0
-        out = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint8)
-        previous: Optional[StageOutput] = None
-        outputs: dict[str, StageOutput] = {}
+        run = RunState(image, np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint8), landmarks, cancel)
         shares = self._progress_shares()
         position = 0.0
         for stage, share in zip(self.manifest.stages, shares):
@@ -133,17 +146,18 @@ class Segmenter:
             t0 = time.perf_counter()
             span = ProgressSpan(progress, position, position + share, f"{stage.name} stage")
             span(0.0)
-            previous = self._run_stage(stage, image, out, previous, outputs, span, cancel, notes, landmarks)
-            outputs[stage.name] = previous
+            run.previous = self._run_stage(stage, run, span)
+            run.outputs[stage.name] = run.previous
             timings[stage.name] = time.perf_counter() - t0
             position += share
         check_cancel(cancel)
         if progress is not None:
             progress(position, "post-processing")
         t0 = time.perf_counter()
-        labels = sitk.GetImageFromArray(out)
+        labels = sitk.GetImageFromArray(run.out)
         labels.CopyInformation(image)
-        del out
+        run.out = None  # the label image holds its own copy: let the array go before post-processing
+        notes = run.notes
         check_cancel(cancel)
         labels = postprocess(labels, image, self.manifest.postprocessing, notes=notes, landmarks=landmarks)
         timings["postprocessing"] = time.perf_counter() - t0
@@ -175,11 +189,14 @@ class Segmenter:
         return [w / total for w in weights]
 
     # -- one stage -------------------------------------------------------------------------
-    def _run_stage(self, stage, image, out, previous, outputs, span, cancel, notes, landmarks=None) -> StageOutput:
+    def _run_stage(self, stage, run: "RunState", span) -> StageOutput:
+        """One stage on ``run``'s image: its regions, its predictions (a localize stage's kept on its grid, a
+        segment / overlay stage's written into ``run.out``); returns what later stages see."""
         from .validation import check_region_memory
 
+        image, previous, cancel, notes = run.image, run.previous, run.cancel, run.notes
         spacing = geo.stage_spacing(image, stage.spacing_mm)
-        boxes = stage_regions(stage, image, previous, spacing, landmarks=landmarks, notes=notes)
+        boxes = stage_regions(stage, image, previous, spacing, landmarks=run.landmarks, notes=notes)
         if not boxes:
             plausible = " plausible" if stage.region.kind == "components" and stage.region.plausibility.enabled else ""
             notes.append(f"stage {stage.name!r}: nothing to refine (no{plausible} kidney found by the previous stage)")
@@ -195,15 +212,15 @@ class Segmenter:
             check_cancel(cancel)
             region_span = ProgressSpan(span, i / len(boxes), (i + 1) / len(boxes),
                                        f"{stage.name} stage" + (f": region {i + 1}/{len(boxes)}" if len(boxes) > 1 else ""))
-            channels = stage_input_channels(stage, self.manifest, source, grid, previous, outputs)
+            channels = stage_input_channels(stage, self.manifest, source, grid, previous, run.outputs)
             probs = self._predict(stage, predictor, channels, region_span, cancel, notes)
             if stage.role == "localize":
                 result = StageOutput(argmax_labels(probs, stage, grid),
                                       geo.array_to_image(np.moveaxis(probs, 0, -1), grid, is_vector=True))
             else:
-                write_back(stage, probs, grid, box, image, out)
+                write_back(stage, probs, grid, box, image, run.out)
         if result is None:
-            result = StageOutput(_labels_view(out, image))
+            result = StageOutput(_labels_view(run.out, image))
         return result
 
     def _predict(self, stage, predictor, channels: np.ndarray, span, cancel, notes: Optional[list] = None) -> np.ndarray:

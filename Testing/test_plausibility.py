@@ -247,8 +247,10 @@ def test_the_fine_stage_runs_on_at_most_two_regions_when_the_coarse_stage_gives_
     ct, _ = phantom(kidneys=kidneys, blobs=(), lungs=False)
     manifest = band_manifest()
     package = save_test_package(tmp_path / "pkg", manifest)
-    coarse = Segmenter(package, device="cpu")._run_stage(
-        package.manifest.stage("coarse"), ct, None, None, {}, lambda *a: None, None, [])
+    from KidneyTumorSegLib.pipeline import RunState
+
+    coarse = Segmenter(package, device="cpu")._run_stage(package.manifest.stage("coarse"), RunState(ct, None),
+                                                         lambda *a: None)
     assert connected_components(sitk.GetArrayFromImage(coarse.labels) > 0).max() == 5
     boxes = stage_regions(package.manifest.stage("fine"), ct, coarse, (3.0, 3.0, 3.0))
     assert len(boxes) == 2
