@@ -155,7 +155,8 @@ def truth_prior(prior: StageSpec, ct: sitk.Image, labels: sitk.Image,
     for c in range(len(prior.classes)):
         one = geo.array_to_image((classes == c).astype(np.float32), grid)
         if sigma_voxels > 0:
-            one = sitk.DiscreteGaussian(one, [(sigma_voxels * s) ** 2 for s in spacing], 32, 0.01, True)
+            # variance in mm^2 (image spacing on); kernel tails cut below 1e-4 of its mass, at most 32 voxels wide
+            one = sitk.DiscreteGaussian(one, [(sigma_voxels * s) ** 2 for s in spacing], 32, 1e-4, True)
         channels.append(sitk.GetArrayFromImage(one))
     probs = np.stack(channels, axis=-1).astype(np.float32)
     values = np.asarray([LABEL_VALUES[c] for c in prior.classes], dtype=np.uint8)
