@@ -285,8 +285,17 @@ def test_a_cascade_trains_exports_and_segments(prepared):
     from Training.preprocess import Cache, load_volume
     from Training.runs import stage_manifests
 
+    seen = {}
+
+    class _Channels(Hook):
+        def on_iteration_end(self, trainer, epoch, iteration, loss):
+            seen[trainer.name] = (trainer.in_channels, trainer.augmenter.k)
+
     run = prepared / "run_cascade"
-    train_run("phantom_fast", prepared / "cache", run, smoke=True, overrides=['fine.manifest.inputs.prior_from="coarse"'])
+    train_run("phantom_fast", prepared / "cache", run, smoke=True, overrides=['fine.manifest.inputs.prior_from="coarse"'],
+              hooks=[_Channels()])
+    # the fine network reads 3 channels; intensity augmentation touches only the CT one, never the probabilities
+    assert seen == {"coarse": (1, 1), "fine": (3, 1)}
     resolved = json.loads((run / "run.json").read_text())["resolved"]
     manifests = stage_manifests(resolved)
     fine = manifests[-1]
