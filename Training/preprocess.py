@@ -23,7 +23,8 @@ Layout of a cache folder::
                                               the indices of slices holding foreground
 
 The spec hash covers everything that changes the volumes (spacing, normalisation, region,
-inputs, classes, patch; for a cascade stage also its prior stage's classes and spacing and the smoothing), so recipes and phases share folders when they can and a changed recipe
+inputs, classes, patch; for a cascade stage also its prior stage's classes and spacing and the
+smoothing), so recipes and phases share folders when they can and a changed recipe
 never reads stale data. Labels the stage does not predict fold into the next class it has
 (cyst -> kidney -> background, tumor -> kidney -> background).
 """
