@@ -321,3 +321,87 @@ def test_registration_augmentation_moves_anatomy_onto_the_hard_case():
     after = 2 * (f & after_m).sum() / (f.sum() + after_m.sum())
     assert lab.GetSize() == fixed_lab.GetSize() and ct.GetPixelID() == moving_ct.GetPixelID()
     assert after > before + 0.1 and after > 0.85
+
+
+def _coarse(**kw):
+    return _stage(**dict({"name": "coarse", "role": "localize", "classes": ["background", "kidney"],
+                          "spacing_mm": [6.0, 6.0, 6.0], "region": {"kind": "whole"}}, **kw))
+
+
+def _gaussian_1d(arr: np.ndarray, sigma: float, axis: int) -> np.ndarray:
+    """``arr`` convolved along ``axis`` with the discrete Gaussian of variance ``sigma``^2 voxels^2 (Lindeberg's kernel
+    exp(-t) I_n(t), t = sigma^2, from the Bessel series; 6 sigma wide, normalised; borders repeated)."""
+    from math import factorial
+
+    t, r = sigma ** 2, int(np.ceil(6 * sigma))
+    k = np.array([np.exp(-t) * sum((t / 2) ** (2 * j + abs(n)) / (factorial(j) * factorial(j + abs(n))) for j in range(30))
+                  for n in range(-r, r + 1)])
+    k /= k.sum()
+    padded = np.pad(arr, [(r, r) if a == axis else (0, 0) for a in range(arr.ndim)], mode="edge")
+    return sum(w * np.take(padded, np.arange(i, i + arr.shape[axis]), axis=axis) for i, w in enumerate(k))
+
+
+def test_cascade_volumes_carry_the_truths_smoothed_one_hot_as_the_prior_stage_would(tmp_path):
+    """The prior channels of a cached cascade volume are, recomputed here step by step: the truth by nearest neighbour
+    on the coarse stage's whole-image grid (6 mm), kidney = any non-background label, [background, kidney] one-hot,
+    smoothed by a one-voxel (discrete) Gaussian, resampled linearly onto the fine region's grid. Tolerance 5e-4: ITK
+    truncates its kernel where the tails hold under 1e-4 (preprocessing's maximum error), this one 6 sigma out; float32.
+    The unsmoothed one-hot is more than 0.1 away, zeros for the priors 1 away."""
+    from KidneyTumorSegLib.stages import StageOutput, stage_regions
+    from Training.preprocess import PRIOR_SIGMA_VOXELS, load_volume, spec_key
+
+    labels = kits_like_labels()
+    write_dataset(tmp_path / "data", {1: (ct_for(labels, np.random.default_rng(3)), labels)})
+    cache = Cache(tmp_path / "cache")
+    init_cache(cache, tmp_path / "data", None)
+    fine = _stage(inputs={"prior_from": "coarse"})
+    preprocess(cache, [_coarse(), fine])
+    records = cache.records(fine, [_coarse()])
+    assert len(records) == 2 and all(r["channels"] == 3 for r in records)
+
+    canonical, _, _ = geo.canonical_axes(labels.GetDirection())
+    coarse_grid = geo.grid_for_box(geo.image_box(labels), (6.0, 6.0, 6.0), canonical)
+    lab = sitk.GetArrayFromImage(geo.resample(labels, coarse_grid, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+    assert set(np.unique(lab)) == {0, 1, 2}  # the tumor is there: it must count as kidney
+    hard = np.stack([lab == 0, lab > 0], axis=-1).astype(np.float64)
+    soft = hard
+    for axis in range(3):
+        soft = _gaussian_1d(soft, PRIOR_SIGMA_VOXELS, axis)
+    prior = geo.array_to_image(soft.astype(np.float32), coarse_grid, is_vector=True)
+    hard_prior = geo.array_to_image(hard.astype(np.float32), coarse_grid, is_vector=True)
+    boxes = stage_regions(_stage_spec(fine), labels, StageOutput(labels), (4.0, 4.0, 4.0))
+    assert len(boxes) == 2
+    for record, box in zip(records, boxes):
+        image, target = load_volume(cache.folder(fine, [_coarse()]).path, record["stem"])
+        grid = geo.grid_for_box(box, (4.0, 4.0, 4.0), canonical)
+        expected = np.moveaxis(sitk.GetArrayFromImage(geo.resample(prior, grid, sitk.sitkLinear, 0.0)), -1, 0)
+        unsmoothed = np.moveaxis(sitk.GetArrayFromImage(geo.resample(hard_prior, grid, sitk.sitkLinear, 0.0)), -1, 0)
+        assert image.shape == (3,) + target.shape == (3,) + expected.shape[1:]
+        assert np.max(np.abs(image[1:] - expected)) < 5e-4
+        assert np.max(np.abs(image[1:] - unsmoothed)) > 0.1  # smoothed, not the hard one-hot
+        assert np.allclose(image[1] + image[2], 1.0, atol=1e-4)
+        assert float(np.median(image[0][np.asarray(target) == 1])) == pytest.approx((160 - 150) / 350, abs=0.03)
+
+    # the folder key covers the prior stage's classes and spacing; a stage without prior_from keeps its old key
+    assert spec_key(_stage()) == "fine-d9addeebd1" and spec_key(_stage(), [_coarse()]) == "fine-d9addeebd1"
+    keys = {spec_key(fine, [_coarse()]), spec_key(fine, [_coarse(spacing_mm=[8.0, 8.0, 8.0])]),
+            spec_key(fine, [_coarse(classes=["background", "kidney", "tumor"])]), spec_key(_stage())}
+    assert len(keys) == 4
+    with pytest.raises(InputError, match="prior_from"):
+        spec_key(fine)  # the prior stage is not among the stages given
+
+
+def _stage_spec(entry):
+    from KidneyTumorSegLib.manifest import unweighted_stage
+
+    return unweighted_stage(entry, "test")
+
+
+def test_a_synthesis_cache_refuses_a_cascade(tmp_path):
+    from Training.synth import preprocess_synth
+
+    labels = kits_like_labels()
+    (tmp_path / "labels" / "case_00001").mkdir(parents=True)
+    sitk.WriteImage(labels, str(tmp_path / "labels" / "case_00001" / "segmentation.nii.gz"))
+    with pytest.raises(InputError, match="synthesis cache holds tissue ids only"):
+        preprocess_synth(tmp_path / "synth", [_coarse(), _stage(inputs={"prior_from": "coarse"})], tmp_path / "labels", None)

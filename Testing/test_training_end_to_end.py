@@ -274,3 +274,51 @@ def test_fine_tuning_starts_from_another_runs_weights_and_a_time_budget_stops_ea
         train_run(None, None, out, resume=True, init_from=run_a)
     with pytest.raises(Exception, match="not a training run"):
         train_run("phantom_default", prepared / "cache", prepared / "run_init2", smoke=True, init_from=prepared / "data")
+
+
+def test_a_cascade_trains_exports_and_segments(prepared):
+    """A fine stage fed the coarse stage's probabilities (prior_from): preprocess gives its volumes the truth's
+    prior channels, training builds a network for them, export keeps prior_from, the library segments with it."""
+    from KidneyTumorSegLib.models import load_package
+    from KidneyTumorSegLib.pipeline import Segmenter
+    from Training.export import export_runs
+    from Training.preprocess import Cache, load_volume
+    from Training.runs import stage_manifests
+
+    seen = {}
+
+    class _Channels(Hook):
+        def on_iteration_end(self, trainer, epoch, iteration, loss):
+            seen[trainer.name] = (trainer.in_channels, trainer.augmenter.k)
+
+    run = prepared / "run_cascade"
+    train_run("phantom_fast", prepared / "cache", run, smoke=True, overrides=['fine.manifest.inputs.prior_from="coarse"'],
+              hooks=[_Channels()])
+    # the fine network reads 3 channels; intensity augmentation touches only the CT one, never the probabilities
+    assert seen == {"coarse": (1, 1), "fine": (3, 1)}
+    resolved = json.loads((run / "run.json").read_text())["resolved"]
+    manifests = stage_manifests(resolved)
+    fine = manifests[-1]
+    assert fine["name"] == "fine" and fine["inputs"]["prior_from"] == "coarse"
+    cache = Cache(prepared / "cache")
+    records = cache.records(fine, manifests[:-1])
+    assert records and all(r["channels"] == 3 for r in records)  # CT + the coarse stage's background / kidney
+    image, target = load_volume(cache.folder(fine, manifests[:-1]).path, records[0]["stem"])
+    assert np.allclose(image[1] + image[2], 1.0, atol=1e-4) and float(image[2][np.asarray(target) > 0].mean()) > 0.5
+    # the plain fine stage's folder is another one, its volumes untouched
+    plain = cache.records({k: v for k, v in fine.items() if k != "inputs"})  # phantom_fast's fine stage, as preprocessed
+    assert plain and all(r["channels"] == 1 for r in plain)
+
+    package = load_package(str(export_runs([run], prepared / "cascade_package", name="cascade", version="0.0.1").root))
+    m = package.manifest
+    spec = m.stage("fine")
+    assert spec.inputs.prior_from == "coarse" and m.network_in_channels(spec) == 3
+    state = torch.load(package.weights_path(spec.weights[0].file), map_location="cpu", weights_only=True)
+    first_conv = next(v for v in state.values() if v.dim() == 5)
+    assert first_conv.shape[1] == m.network_in_channels(spec)
+    assert package.build_networks(spec)  # strict load with the manifest's in_channels
+    ct = sitk.ReadImage(str(prepared / "data" / "case_00038" / "imaging.nii.gz"))
+    result = Segmenter(package, device="cpu").segment(ct)
+    assert result.labels.GetSize() == ct.GetSize() and result.labels.GetDirection() == ct.GetDirection()
+    assert result.labels.GetOrigin() == ct.GetOrigin() and result.labels.GetSpacing() == ct.GetSpacing()
+    assert set(np.unique(sitk.GetArrayViewFromImage(result.labels))) <= {0, 1, 2, 3}

@@ -7,6 +7,12 @@ full volume, a ``components`` stage one volume per kidney box (grown by the mani
 a ``fixed_box`` stage the box centred on the truth's foreground, and a masked stage
 (``mask_labels``) the CT masked with the truth. So networks see exactly what inference feeds them.
 
+A cascade stage (``inputs.prior_from``) also gets its localize stage's class probabilities as channels; training
+has no trained localize network, so they are made from the truth too (:func:`truth_prior`): the one-hot of the
+truth over the *prior* stage's classes on the prior stage's own grid (whole image at its spacing, where inference
+computes them), smoothed by a Gaussian of :data:`PRIOR_SIGMA_VOXELS` of its voxels, then resampled onto the stage's
+grid by :func:`stage_input_channels` as inference resamples the real probabilities.
+
 Layout of a cache folder::
 
     cache.json                    dataset path, fingerprint, cases, one entry per input spec
@@ -17,7 +23,8 @@ Layout of a cache folder::
                                               the indices of slices holding foreground
 
 The spec hash covers everything that changes the volumes (spacing, normalisation, region,
-inputs, classes, patch), so recipes and phases share folders when they can and a changed recipe
+inputs, classes, patch; for a cascade stage also its prior stage's classes and spacing and the
+smoothing), so recipes and phases share folders when they can and a changed recipe
 never reads stale data. Labels the stage does not predict fold into the next class it has
 (cyst -> kidney -> background, tumor -> kidney -> background).
 """
@@ -51,6 +58,10 @@ INDEX_JSON = "index.json"
 MAX_LOCATIONS = 20_000
 _FALLBACK = {"cyst": "kidney", "tumor": "kidney", "kidney": "background"}
 _SPEC_KEYS = ("classes", "spacing_mm", "normalization", "patch_size", "region", "inputs")
+#: sigma (in voxels of the prior stage's grid, per axis) of the Gaussian that softens the truth's one-hot prior channels.
+#: Inference feeds a localize network's softmax, which ramps over about a voxel at every edge; a hard one-hot would teach
+#: the cascade a step it never sees. One voxel is that ramp; it does not imitate the localize stage's mistakes.
+PRIOR_SIGMA_VOXELS = 1.0
 
 
 def class_lookup(classes: Sequence[str]) -> np.ndarray:
@@ -64,16 +75,34 @@ def class_lookup(classes: Sequence[str]) -> np.ndarray:
     return table
 
 
-def input_spec(stage_manifest: dict) -> dict:
-    """The part of a manifest stage entry that determines its training volumes."""
+def prior_manifest(stage_manifest: dict, earlier: Sequence[dict] = ()) -> Optional[dict]:
+    """The manifest entry of the stage whose probabilities ``stage_manifest`` takes (``inputs.prior_from``): the last
+    entry of that name in ``earlier`` (the entries before it, in recipe order: its last phase); None for no cascade."""
+    name = (stage_manifest.get("inputs") or {}).get("prior_from")
+    if not name:
+        return None
+    found = [m for m in earlier if m.get("name") == name]
+    if not found:
+        raise InputError(f"stage {stage_manifest['name']!r} takes the probabilities of stage {name!r} (prior_from), which is "
+                         f"not among the stages before it ({', '.join(dict.fromkeys(m['name'] for m in earlier)) or 'none'})")
+    return found[-1]
+
+
+def input_spec(stage_manifest: dict, earlier: Sequence[dict] = ()) -> dict:
+    """The part of a manifest stage entry that determines its training volumes; ``earlier``: the entries before it
+    (only a cascade stage reads them: its prior channels depend on the prior stage's classes and spacing)."""
     spec = {k: stage_manifest.get(k) for k in _SPEC_KEYS}
     spec["region"] = _training_region(spec["region"])
+    prior = prior_manifest(stage_manifest, earlier)
+    if prior is not None:  # only then: the keys of every other stage's folders stay what they were
+        spec["prior"] = {"classes": prior.get("classes"), "spacing_mm": prior.get("spacing_mm"),
+                         "sigma_voxels": PRIOR_SIGMA_VOXELS}
     return spec
 
 
-def spec_key(stage_manifest: dict) -> str:
-    """Folder name ``<stage>-<10 hex digits of the spec's sha1>``."""
-    text = json.dumps(input_spec(stage_manifest), sort_keys=True)
+def spec_key(stage_manifest: dict, earlier: Sequence[dict] = ()) -> str:
+    """Folder name ``<stage>-<10 hex digits of the spec's sha1>`` (``earlier``: see :func:`input_spec`)."""
+    text = json.dumps(input_spec(stage_manifest, earlier), sort_keys=True)
     return f"{stage_manifest['name']}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
 
@@ -88,25 +117,62 @@ def _training_region(region: Optional[dict]) -> Optional[dict]:
     return {k: v for k, v in region.items() if k not in _INFERENCE_ONLY_REGION_KEYS}
 
 
-def _stage_and_manifest(stage_manifest: dict) -> tuple[StageSpec, ModelManifest]:
+def _stage_and_manifest(stage_manifest: dict, prior: Optional[dict] = None) -> tuple[StageSpec, ModelManifest]:
+    """The stage as the library reads it, in a manifest where it may use a region and a mask: after ``prior`` (its
+    prior_from stage's entry) for a cascade, else after a stand-in whole-volume stage."""
     entry = dict(stage_manifest)
     if entry.get("region"):
         entry["region"] = _training_region(entry["region"])  # the truth's kidneys are never judged implausible
     entry["weights"] = [dict(w) for w in PLACEHOLDER_WEIGHTS]
     if entry.get("inputs", {}).get("prior_from"):
-        raise InputError(f"stage {entry['name']!r}: training a cascade with prior_from is not supported")
-    first = dict(entry, region={"kind": "whole"}, inputs={k: v for k, v in entry.get("inputs", {}).items() if k == "slices_as_channels"},
-                 name="_first", role="segment")
+        if prior is None or prior.get("name") != entry["inputs"]["prior_from"]:
+            raise InputError(f"stage {entry['name']!r} takes the probabilities of stage {entry['inputs']['prior_from']!r} "
+                             f"(prior_from): give that stage's manifest entry, got {prior and prior.get('name')!r}")
+        first = dict(prior, weights=[dict(w) for w in PLACEHOLDER_WEIGHTS])
+    else:
+        first = dict(entry, region={"kind": "whole"}, name="_first", role="segment",
+                     inputs={k: v for k, v in entry.get("inputs", {}).items() if k == "slices_as_channels"})
     labels = {"background": 0, "kidney": 1, "tumor": 2, "cyst": 3}
     manifest = ModelManifest.from_dict({"schema_version": 1, "name": "cache", "version": "0", "description": "", "intended_use": "",
                                         "licence": "", "labels": labels, "stages": [first, entry]})
     return manifest.stage(entry["name"]), manifest
 
 
-def stage_volumes(stage_manifest: dict, ct: sitk.Image, labels: sitk.Image) -> list[tuple[np.ndarray, np.ndarray]]:
+def truth_prior(prior: StageSpec, ct: sitk.Image, labels: sitk.Image,
+                sigma_voxels: float = PRIOR_SIGMA_VOXELS) -> StageOutput:
+    """What localize stage ``prior`` would hand a cascade, made from the truth: on the prior stage's whole-image grid
+    (its spacing, canonical axes, as inference runs it) the truth resampled by nearest neighbour (as that stage's
+    training targets are), as the one-hot over ``prior.classes`` (labels it lacks fold as :func:`class_lookup` says:
+    kidney = every non-background label for [background, kidney]), each channel smoothed by a Gaussian of
+    ``sigma_voxels`` voxels per axis (zero-flux borders, so the channels still sum to 1). Probabilities: a vector
+    image float32 (K components); labels: their argmax as label values."""
+    spacing = geo.stage_spacing(ct, prior.spacing_mm)
+    box, = stage_regions(prior, ct, None, spacing)
+    canonical, _, _ = geo.canonical_axes(ct.GetDirection())
+    grid = geo.grid_for_box(box, spacing, canonical)
+    classes = class_lookup(list(prior.classes))[
+        sitk.GetArrayFromImage(geo.resample(labels, grid, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))]
+    channels = []
+    for c in range(len(prior.classes)):
+        one = geo.array_to_image((classes == c).astype(np.float32), grid)
+        if sigma_voxels > 0:
+            # variance in mm^2 (image spacing on); kernel tails cut below 1e-4 of its mass, at most 32 voxels wide
+            one = sitk.DiscreteGaussian(one, [(sigma_voxels * s) ** 2 for s in spacing], 32, 1e-4, True)
+        channels.append(sitk.GetArrayFromImage(one))
+    probs = np.stack(channels, axis=-1).astype(np.float32)
+    values = np.asarray([LABEL_VALUES[c] for c in prior.classes], dtype=np.uint8)
+    return StageOutput(geo.array_to_image(values[np.argmax(probs, axis=-1)], grid),
+                       geo.array_to_image(probs, grid, is_vector=True))
+
+
+def stage_volumes(stage_manifest: dict, ct: sitk.Image, labels: sitk.Image,
+                  earlier: Sequence[dict] = ()) -> list[tuple[np.ndarray, np.ndarray]]:
     """Training volumes of one case for one stage: ``[(image float32 [C, z, y, x], target uint8 [z, y, x])]``,
-    one per region, computed exactly as inference computes its input (regions from the truth)."""
-    stage, manifest = _stage_and_manifest(stage_manifest)
+    one per region, computed exactly as inference computes its input (regions from the truth). ``earlier``: the
+    manifest entries before this one (a cascade stage's prior stage is found there; its channels: :func:`truth_prior`)."""
+    prior = prior_manifest(stage_manifest, earlier)
+    stage, manifest = _stage_and_manifest(stage_manifest, prior)
+    outputs = {} if prior is None else {prior["name"]: truth_prior(manifest.stage(prior["name"]), ct, labels)}
     spacing = geo.stage_spacing(ct, stage.spacing_mm)
     truth = StageOutput(labels)
     boxes = stage_regions(stage, ct, truth if stage.region.kind != "whole" else None, spacing)
@@ -116,7 +182,7 @@ def stage_volumes(stage_manifest: dict, ct: sitk.Image, labels: sitk.Image) -> l
     out = []
     for box in boxes:
         grid = geo.grid_for_box(box, spacing, canonical)
-        image = stage_input_channels(stage, manifest, source, grid, truth, {})
+        image = stage_input_channels(stage, manifest, source, grid, truth, outputs)
         target = sitk.GetArrayFromImage(geo.resample(labels, grid, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
         out.append((image, lookup[target]))
     return out
@@ -182,16 +248,17 @@ class Cache:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
         tmp.replace(self.meta_path)
 
-    def folder(self, stage_manifest: dict) -> SpecFolder:
-        return SpecFolder(self.root / spec_key(stage_manifest))
+    def folder(self, stage_manifest: dict, earlier: Sequence[dict] = ()) -> SpecFolder:
+        """The folder of a stage entry's spec (``earlier``: the entries before it, see :func:`input_spec`)."""
+        return SpecFolder(self.root / spec_key(stage_manifest, earlier))
 
-    def has(self, stage_manifest: dict, cases: Iterable[int]) -> bool:
-        done = set(self.folder(stage_manifest).index().get("cases", {}))
+    def has(self, stage_manifest: dict, cases: Iterable[int], earlier: Sequence[dict] = ()) -> bool:
+        done = set(self.folder(stage_manifest, earlier).index().get("cases", {}))
         return all(case_name(c) in done for c in cases)
 
-    def records(self, stage_manifest: dict) -> list[dict]:
+    def records(self, stage_manifest: dict, earlier: Sequence[dict] = ()) -> list[dict]:
         """Volume records of a spec (case, region, file names, shape, class voxels, case info, augmented)."""
-        index = self.folder(stage_manifest).index()
+        index = self.folder(stage_manifest, earlier).index()
         return [r for name in sorted(index.get("cases", {})) for r in index["cases"][name]] + list(index.get("augmented", []))
 
 
@@ -217,16 +284,24 @@ def init_cache(cache: Cache, data_dir: Path, cases: Optional[Sequence[int]], fin
     return meta
 
 
+def distinct_specs(stage_manifests: Sequence[dict]) -> dict:
+    """``{spec folder: (entry, the entries before it)}`` of stage entries in recipe order (the first of each spec)."""
+    specs = {}
+    for j, m in enumerate(stage_manifests):
+        earlier = list(stage_manifests[:j])
+        specs.setdefault(spec_key(m, earlier), (m, earlier))
+    return specs
+
+
 def preprocess(cache: Cache, stage_manifests: Sequence[dict], cases: Optional[Sequence[int]] = None,
                progress: Optional[Callable[[int, int, str], None]] = None, seed: int = 0) -> dict:
-    """Write the training volumes of every ``stage_manifests`` entry for ``cases`` (default: all cases of
-    the cache) into ``cache``; cases already there are kept. Returns ``{spec folder: number of volumes}``."""
+    """Write the training volumes of every ``stage_manifests`` entry (recipe order: a cascade stage's prior stage
+    comes before it) for ``cases`` (default: all cases of the cache) into ``cache``; cases already there are kept.
+    Returns ``{spec folder: number of volumes}``."""
     meta = cache.meta()
     numbers = meta["cases"] if cases is None else list(cases)
     listed = {c.number: c for c in list_cases(Path(meta["dataset"]), numbers)}
-    specs = {}
-    for m in stage_manifests:
-        specs.setdefault(spec_key(m), m)
+    specs = distinct_specs(stage_manifests)
     todo = {key: [n for n in numbers if case_name(n) not in SpecFolder(cache.root / key).index().get("cases", {})]
             for key in specs}
     wanted = sorted({n for missing in todo.values() for n in missing})
@@ -234,28 +309,28 @@ def preprocess(cache: Cache, stage_manifests: Sequence[dict], cases: Optional[Se
     for i, number in enumerate(wanted):
         ct, labels = read_case(listed[number])
         info = _case_info(ct, labels)
-        for key, m in specs.items():
+        for key, (m, earlier) in specs.items():
             if number in todo[key]:
-                _write_case(SpecFolder(cache.root / key), m, number, ct, labels, info, seed)
+                _write_case(SpecFolder(cache.root / key), m, number, ct, labels, info, seed, earlier=earlier)
         if progress is not None:
             progress(i + 1, len(wanted), case_name(number))
     meta = cache.meta()
-    for key, m in specs.items():
-        meta["specs"][key] = input_spec(m)
+    for key, (m, earlier) in specs.items():
+        meta["specs"][key] = input_spec(m, earlier)
     cache.write_meta(meta)
     logger.info("preprocessed %d case(s) for %d spec(s) in %.1f s", len(wanted), len(specs), time.perf_counter() - t0)
-    return {key: len(cache.records(m)) for key, m in specs.items()}
+    return {key: len(cache.records(m, earlier)) for key, (m, earlier) in specs.items()}
 
 
 def _write_case(folder: SpecFolder, stage_manifest: dict, number: int, ct, labels, info: dict, seed: int,
-                augmented_from: Optional[list] = None) -> list[dict]:
+                augmented_from: Optional[list] = None, earlier: Sequence[dict] = ()) -> list[dict]:
     folder.path.mkdir(parents=True, exist_ok=True)
-    index = folder.index() or {"spec": input_spec(stage_manifest), "cases": {}, "augmented": []}
+    index = folder.index() or {"spec": input_spec(stage_manifest, earlier), "cases": {}, "augmented": []}
     rng = np.random.default_rng([int(seed), int(number)] + [int(v) for v in (augmented_from or [])])
     prefix = case_name(number) if augmented_from is None else f"aug_{augmented_from[0]:05d}_onto_{augmented_from[1]:05d}"
     records = []
     num_classes = len(stage_manifest["classes"])
-    for r, (image, target) in enumerate(stage_volumes(stage_manifest, ct, labels)):
+    for r, (image, target) in enumerate(stage_volumes(stage_manifest, ct, labels, earlier)):
         stem = f"{prefix}_r{r}"
         np.save(folder.path / f"{stem}_image.npy", image)
         np.save(folder.path / f"{stem}_target.npy", target)
@@ -292,8 +367,9 @@ def add_registration_augmentation(cache: Cache, stage_manifests: Sequence[dict],
         moving_ct, moving_labels = read_case(listed[moving])
         ct, labels = deform_onto(moving_ct, moving_labels, fixed_ct, seed=seed)
         info = _case_info(ct, labels)
-        for m in {spec_key(m): m for m in stage_manifests}.values():
-            _write_case(cache.folder(m), m, fixed, ct, labels, info, seed, augmented_from=[moving, fixed])
+        for key, (m, earlier) in distinct_specs(stage_manifests).items():
+            _write_case(SpecFolder(cache.root / key), m, fixed, ct, labels, info, seed, augmented_from=[moving, fixed],
+                        earlier=earlier)
         if progress is not None:
             progress(i + 1, len(pairs), f"{case_name(moving)} onto {case_name(fixed)}")
     return len(pairs)
@@ -319,5 +395,6 @@ def load_volume(folder: Path, stem: str) -> tuple[np.ndarray, np.ndarray]:
     return (np.load(folder / f"{stem}_image.npy", mmap_mode="r"), np.load(folder / f"{stem}_target.npy", mmap_mode="r"))
 
 
-__all__ = ["Cache", "init_cache", "preprocess", "stage_volumes", "class_lookup", "spec_key", "input_spec",
+__all__ = ["Cache", "init_cache", "preprocess", "stage_volumes", "truth_prior", "prior_manifest", "distinct_specs",
+           "PRIOR_SIGMA_VOXELS", "class_lookup", "spec_key", "input_spec",
            "add_registration_augmentation", "worst_cases_from_csv", "load_volume", "Case"]

@@ -157,15 +157,17 @@ def _create_run(recipe_name: str, data: Path, out: Path, fold: Optional[int], fo
     return run
 
 
-def _mix_source(mix_cache: Optional[Cache], mix: Optional[dict], stage_name: str, phase: dict) -> Optional[tuple]:
-    """``(folder, training records)`` of the mixed-in cache for a phase that mixes, else None."""
+def _mix_source(mix_cache: Optional[Cache], mix: Optional[dict], stage_name: str, phase: dict,
+                earlier: Sequence[dict] = ()) -> Optional[tuple]:
+    """``(folder, training records)`` of the mixed-in cache for a phase that mixes, else None (``earlier``: the
+    manifest entries before the phase's, for a cascade's spec folder)."""
     if mix_cache is None or not phase["training"].get("mix"):
         return None
-    records = [r for r in mix_cache.records(phase["manifest"]) if r["case"] in set(mix["train_cases"])]
+    records = [r for r in mix_cache.records(phase["manifest"], earlier) if r["case"] in set(mix["train_cases"])]
     if not records:
         raise InputError(f"stage {stage_name!r}: the --mix-data cache {mix_cache.root} holds no volumes for this stage "
                          "(preprocess it with the same recipe)")
-    return mix_cache.folder(phase["manifest"]).path, records
+    return mix_cache.folder(phase["manifest"], earlier).path, records
 
 
 def split_records(records: list[dict], train_cases, val_cases) -> tuple[list[dict], list[dict]]:
@@ -235,15 +237,17 @@ def train_run(recipe_name: Optional[str], data: Optional[Path], out: Path, fold:
         if stages and stage["name"] not in stages:
             continue
         folders, train_records, val_records = [], [], []
+        # the entries before this stage's, as preprocess saw them: a cascade's spec folder depends on its prior stage
+        earlier = stage_manifests({"stages": run["resolved"]["stages"][:i]})
         for phase in stage["phases"]:
-            folders.append(cache.folder(phase["manifest"]).path)
-            t, v = split_records(cache.records(phase["manifest"]), run["train_cases"], run["val_cases"])
+            folders.append(cache.folder(phase["manifest"], earlier).path)
+            t, v = split_records(cache.records(phase["manifest"], earlier), run["train_cases"], run["val_cases"])
             if not t:
                 raise InputError(f"stage {stage['name']!r}: no training volumes (do the training cases hold kidneys? for a "
                                  "synthesis cache: did synth-preprocess make this stage's volumes?)")
             train_records.append(t)
             val_records.append(v)
-        mix_sources = [_mix_source(mix_cache, mix, stage["name"], phase) for phase in stage["phases"]]
+        mix_sources = [_mix_source(mix_cache, mix, stage["name"], phase, earlier) for phase in stage["phases"]]
         init = (run.get("init_from") or {}).get("stages", {}).get(stage["name"])
         if init and not resume_from_checkpoint(out / stage["name"], resume):
             _check_unchanged(Path(init["file"]), init["sha256"])

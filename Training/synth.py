@@ -225,6 +225,7 @@ def synth_stage_volumes(stage_manifest: dict, labels: sitk.Image, frame, rng: np
     :func:`Training.preprocess.stage_volumes` does for CT), on the stage's canonical working grid."""
     from .preprocess import _stage_and_manifest, class_lookup
 
+    _refuse_cascade(stage_manifest)
     stage, _ = _stage_and_manifest(stage_manifest)
     spacing = geo.stage_spacing(labels, stage.spacing_mm)
     truth = StageOutput(labels)
@@ -238,6 +239,15 @@ def synth_stage_volumes(stage_manifest: dict, labels: sitk.Image, frame, rng: np
         T = tissue_map(lab, _identity_grid(grid), frame, rng)
         out.append((T[None], lookup[lab]))
     return out
+
+
+def _refuse_cascade(stage_manifest: dict) -> None:
+    """A synthesis cache holds one channel of tissue ids that the synthesizer turns into CT per patch; a cascade's
+    prior channels (``prior_from``) would have to ride along untouched, which that path does not do."""
+    prior = (stage_manifest.get("inputs") or {}).get("prior_from")
+    if prior:
+        raise InputError(f"stage {stage_manifest['name']!r} is a cascade (prior_from {prior!r}): a synthesis cache holds "
+                         "tissue ids only, not prior channels; preprocess it from CT or phantom images instead")
 
 
 def case_frame(labels: sitk.Image):
@@ -278,6 +288,7 @@ def preprocess_synth(cache_root: Path, stage_manifests: Sequence[dict], labels_d
         cache.write_meta(meta)
     specs = {}
     for m in stage_manifests:
+        _refuse_cascade(m)
         specs.setdefault(spec_key(m), m)
     t0 = time.perf_counter()
     for i, case in enumerate(listed):

@@ -180,8 +180,10 @@ class StageTrainer:
         self.sampler = PatchSampler(self.folders[p], self.train_records[p], patch, t, self.pad_value, len(classes),
                                     self.seed, p)
         spacing = [1.0 if s is None else float(s) for s in spec.spacing_mm]
+        # intensity augmentation is for the CT channels only: a cascade's prior channels are probabilities
+        image_channels = spec.inputs.slices_as_channels or 1
         self.augmenter = Augmenter(t.get("augmentation") or {}, spacing, self.spatial_dims, self.pad_value,
-                                   self.in_channels, norm.scale, norm)
+                                   image_channels, norm.scale, norm)
         self.mix = None
         spec = t.get("mix")
         if spec:
@@ -194,7 +196,7 @@ class StageTrainer:
             sampler = PatchSampler(folder, records, patch, mix_training, self.pad_value, len(classes),
                                    _seed_int(self.seed, 3), p)
             augmenter = Augmenter(spec.get("augmentation") or {}, spacing, self.spatial_dims, self.pad_value,
-                                  self.in_channels, norm.scale, norm)
+                                  image_channels, norm.scale, norm)
             if augmenter.synthesizer is not None:
                 raise ValueError("training.mix.augmentation must not synthesize: the mixed-in source holds CT images")
             self.mix = (float(spec["fraction"]), sampler, augmenter)
