@@ -185,21 +185,21 @@ class StageTrainer:
         self.augmenter = Augmenter(t.get("augmentation") or {}, spacing, self.spatial_dims, self.pad_value,
                                    image_channels, norm.scale, norm)
         self.mix = None
-        spec = t.get("mix")
-        if spec:
+        mix_spec = t.get("mix")
+        if mix_spec:
             if self.mix_sources[p] is None:
                 raise ValueError(f"stage {self.name!r} mixes in a second training source (training.mix): give its cache "
                                  "with train --mix-data")
             folder, records = self.mix_sources[p]
-            mix_training = dict(t, augmentation=spec.get("augmentation") or {})
+            mix_training = dict(t, augmentation=mix_spec.get("augmentation") or {})
             # its own sampler seed: the two sources must not draw the same patch positions
             sampler = PatchSampler(folder, records, patch, mix_training, self.pad_value, len(classes),
                                    _seed_int(self.seed, 3), p)
-            augmenter = Augmenter(spec.get("augmentation") or {}, spacing, self.spatial_dims, self.pad_value,
+            augmenter = Augmenter(mix_spec.get("augmentation") or {}, spacing, self.spatial_dims, self.pad_value,
                                   image_channels, norm.scale, norm)
             if augmenter.synthesizer is not None:
                 raise ValueError("training.mix.augmentation must not synthesize: the mixed-in source holds CT images")
-            self.mix = (float(spec["fraction"]), sampler, augmenter)
+            self.mix = (float(mix_spec["fraction"]), sampler, augmenter)
 
     # -- checkpoints ----------------------------------------------------------------------------------
     @property
