@@ -405,3 +405,22 @@ def test_a_synthesis_cache_refuses_a_cascade(tmp_path):
     sitk.WriteImage(labels, str(tmp_path / "labels" / "case_00001" / "segmentation.nii.gz"))
     with pytest.raises(InputError, match="synthesis cache holds tissue ids only"):
         preprocess_synth(tmp_path / "synth", [_coarse(), _stage(inputs={"prior_from": "coarse"})], tmp_path / "labels", None)
+
+
+@pytest.mark.parametrize("writer", ["phantoms", "validation"])
+def test_dataset_writers_say_when_their_output_folder_cannot_be_made(tmp_path, writer):
+    from KidneyTumorSegLib.errors import OutputError
+    from Training.phantom_anatomy import procedural_labels
+    from Training.phantom_dataset import make_phantom_dataset
+    from Training.validation_phantoms import make_validation_dataset
+
+    labels = tmp_path / "labels" / "case_00001"
+    labels.mkdir(parents=True)
+    sitk.WriteImage(procedural_labels((40, 40, 20), (4.0, 4.0, 5.0), rng=np.random.default_rng(1)),
+                    str(labels / "segmentation.nii.gz"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    make = make_phantom_dataset if writer == "phantoms" else make_validation_dataset
+    with pytest.raises(OutputError, match="cannot create .*a_file/out"):
+        make(tmp_path / "labels", blocker / "out")
+    assert blocker.read_text() == "not a folder"

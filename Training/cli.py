@@ -207,6 +207,16 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def _phantom_dataset_args(s: argparse.ArgumentParser, labels_example: str, cases_example: str) -> None:
+    """The arguments both phantom generators take: source label maps, output, cases, seed and grid reduction."""
+    s.add_argument("--labels", required=True, help=f"folder of case_XXXXX/segmentation.nii.gz (e.g. {labels_example})")
+    s.add_argument("--out", required=True, help="dataset folder to write")
+    s.add_argument("--cases", help=f"case numbers, e.g. {cases_example} (default: all)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--downsample-inplane", type=float, default=1.0, metavar="F", help="in-plane voxels / F (physical extent kept)")
+    s.add_argument("--max-slices", type=int, metavar="N", help="at most N slices (crop around the kidneys, else thicker slices)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m Training",
                                 description="Train, evaluate and export the seed papers' kidney / tumor segmentation models.")
@@ -215,12 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("phantoms", help="synthetic CT on real KiTS19 label maps (KiTS19 layout)")
-    s.add_argument("--labels", required=True, help="folder of case_XXXXX/segmentation.nii.gz (e.g. ../shared/data/kits19_labels)")
-    s.add_argument("--out", required=True, help="dataset folder to write")
-    s.add_argument("--cases", help="case numbers, e.g. 0-129 (default: all)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--downsample-inplane", type=float, default=1.0, metavar="F", help="in-plane voxels / F (physical extent kept)")
-    s.add_argument("--max-slices", type=int, metavar="N", help="at most N slices (crop around the kidneys, else thicker slices)")
+    _phantom_dataset_args(s, "../shared/data/kits19_labels", "0-129")
     s.add_argument("--cysts", action="store_true", help="add cyst-like lesions (label 3) to 60%% of the cases")
     s.add_argument("--intensity-shift", type=float, default=0.0, metavar="HU", help="added to contrast-enhanced tissues")
     s.add_argument("--noise-scale", type=float, default=1.0, metavar="F", help="multiplies the 10-25 HU noise")
@@ -231,12 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_phantoms)
 
     s = sub.add_parser("validation-phantoms", help="independent validation phantoms on real label maps (never train on them)")
-    s.add_argument("--labels", required=True, help="folder of case_XXXXX/segmentation.nii.gz (e.g. ../shared/data/kits23_labels)")
-    s.add_argument("--out", required=True, help="dataset folder to write")
-    s.add_argument("--cases", help="case numbers, e.g. 130-159,400-429 (default: all)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--downsample-inplane", type=float, default=1.0, metavar="F", help="in-plane voxels / F (physical extent kept)")
-    s.add_argument("--max-slices", type=int, metavar="N", help="at most N slices (crop around the kidneys, else thicker slices)")
+    _phantom_dataset_args(s, "../shared/data/kits23_labels", "130-159,400-429")
     s.add_argument("--phase", choices=["unenhanced", "arterial", "portal", "delayed"],
                    help="one contrast phase for every case (default: drawn per case)")
     s.add_argument("--overwrite", action="store_true", help="rewrite existing cases")

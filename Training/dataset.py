@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from KidneyTumorSegLib.errors import InputError
+from KidneyTumorSegLib.errors import InputError, OutputError
 
 IMAGE_NAME = "imaging.nii.gz"
 LABELS_NAME = "segmentation.nii.gz"
@@ -119,6 +119,16 @@ def checked_labels(labels) -> sitk.Image:
         raise InputError(f"expected label values 0-3 (background, kidney, tumor, cyst), got values from "
                          f"{mm.GetMinimum():g} to {mm.GetMaximum():g}")
     return sitk.Cast(labels, sitk.sitkUInt8) if labels.GetPixelID() != sitk.sitkUInt8 else labels
+
+
+def make_dataset_folder(out_dir: Path) -> Path:
+    """``out_dir`` created (with its parents) for a dataset writer; OutputError saying why when it cannot be."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
+    return out_dir
 
 
 def refuse_validation_only(root: Path) -> None:

@@ -41,7 +41,7 @@ from KidneyTumorSegLib.errors import InputError, OutputError
 from KidneyTumorSegLib.imageio import write_image_atomic
 from KidneyTumorSegLib.labels import CYST, KIDNEY, TUMOR
 
-from .dataset import IMAGE_NAME, LABELS_NAME, case_name, list_cases, read_labels
+from .dataset import IMAGE_NAME, LABELS_NAME, case_name, list_cases, make_dataset_folder, read_labels
 
 logger = logging.getLogger(__name__)
 
@@ -187,11 +187,7 @@ def make_phantom_dataset(labels_dir: Path, out_dir: Path, cases: Optional[Sequen
     if noise_scale < 0:
         raise InputError(f"--noise-scale must be >= 0, got {noise_scale}")
     sources = list_cases(Path(labels_dir), cases, need_labels=True, image_name=LABELS_NAME)
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
+    out_dir = make_dataset_folder(out_dir)
     options = {"seed": int(seed), "downsample_inplane": float(downsample_inplane), "max_slices": max_slices,
                "cysts": bool(cysts), "intensity_shift_hu": float(intensity_shift_hu)}
     # recorded only when used, so datasets written before these options existed still match

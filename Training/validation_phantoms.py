@@ -75,7 +75,8 @@ from KidneyTumorSegLib.errors import InputError, OutputError
 from KidneyTumorSegLib.imageio import write_image_atomic
 from KidneyTumorSegLib.labels import CYST, KIDNEY, TUMOR
 
-from .dataset import IMAGE_NAME, LABELS_NAME, VALIDATION_ONLY_MARKER, checked_labels, list_cases, read_labels
+from .dataset import (IMAGE_NAME, LABELS_NAME, VALIDATION_ONLY_MARKER, checked_labels, list_cases, make_dataset_folder,
+                      read_labels)
 
 __all__ = ["PHASES", "TUMOR_TYPES", "synthesize_validation_ct", "make_validation_case", "make_validation_dataset",
            "VALIDATION_JSON"]
@@ -1590,11 +1591,7 @@ def make_validation_dataset(labels_dir: Path, out_dir: Path, cases: Optional[Seq
     if phase is not None and phase not in PHASES:
         raise InputError(f"--phase must be one of {', '.join(PHASES)}, got {phase!r}")
     sources = list_cases(Path(labels_dir), cases, need_labels=True, image_name=LABELS_NAME)
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
+    out_dir = make_dataset_folder(out_dir)
     options = {"seed": int(seed), "downsample_inplane": float(downsample_inplane), "max_slices": max_slices,
                "phase": phase}
     record_path = out_dir / VALIDATION_JSON
