@@ -74,7 +74,8 @@ def compose_package(base: str, replacements: Mapping[str, Path], out: Path, name
                 files.append({"file": w["file"]})
             stage["weights"] = files
             if stage["name"] in additions:
-                added[stage["name"]] = _add_members(stage, Path(additions[stage["name"]]), states, allow_unfinished)
+                added[stage["name"]] = _add_members(stage, Path(additions[stage["name"]]), states, allow_unfinished,
+                                                     package)
             continue
         run = read_run(Path(source))
         resolved = next((s for s in run["resolved"]["stages"] if s["name"] == stage["name"]), None)
@@ -114,10 +115,10 @@ def compose_package(base: str, replacements: Mapping[str, Path], out: Path, name
     return save_package(Path(out), manifest, states, overwrite=overwrite)
 
 
-def _free_name(stem: str, states: dict, package: Optional[ModelPackage]) -> str:
-    """``STEM_N.pt`` not yet used by the package being written (nor by the base's files, when given): composing a
+def _free_name(stem: str, states: dict, package: ModelPackage) -> str:
+    """``STEM_N.pt`` used neither by the package being written nor by any of the base's files: composing a
     composed package must not overwrite its members."""
-    taken = set(states) | ({w.file for s in package.manifest.stages for w in s.weights} if package else set())
+    taken = set(states) | {w.file for s in package.manifest.stages for w in s.weights}
     n = 0
     while f"{stem}_{n}.pt" in taken:
         n += 1
@@ -135,7 +136,7 @@ def _run_record(source: Path, run: dict, summary: dict) -> dict:
             "training": summary}
 
 
-def _add_members(stage: dict, source: Path, states: dict, allow_unfinished: bool) -> dict:
+def _add_members(stage: dict, source: Path, states: dict, allow_unfinished: bool, package: ModelPackage) -> dict:
     """Append run ``source``'s weights for ``stage`` (a base manifest entry, edited in place) to its ensemble."""
     run = read_run(source)
     resolved = next((s for s in run["resolved"]["stages"] if s["name"] == stage["name"]), None)
@@ -148,7 +149,7 @@ def _add_members(stage: dict, source: Path, states: dict, allow_unfinished: bool
                          f"{', '.join(differ)} (members are averaged, so they must share the whole entry)")
     chosen, summary = _stage_weights(source, resolved, None, allow_unfinished)
     for _, state in chosen:
-        file = _free_name(f"{stage['name']}_added", states, None)
+        file = _free_name(f"{stage['name']}_added", states, package)
         states[file] = state
         stage["weights"].append({"file": file})
     return _run_record(source, run, summary)
