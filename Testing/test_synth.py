@@ -166,6 +166,13 @@ def test_lesions_are_kept_visible_against_the_parenchyma():
                 out.append(float((mu[t] - k).abs().min()))
     assert min(closest) >= 25.0 - 1e-3
     assert min(closest_plain) < 25.0  # without the rule some lesions are nearly iso-dense
+    # a lesion between a bright cortex and a dark medulla stays where it is when it is far enough from both
+    mu = torch.zeros(NUM_TISSUES)
+    mu[SynthTissue.CORTEX], mu[SynthTissue.MEDULLA] = 250.0, 80.0
+    mu[SynthTissue.TUMOR], mu[SynthTissue.TUMOR_B], mu[SynthTissue.CYST] = 160.0, 235.0, 90.0
+    moved = syn._visible_lesions(mu)
+    assert moved[SynthTissue.TUMOR] == 160.0  # between, 90 and 80 HU away: kept
+    assert moved[SynthTissue.TUMOR_B] == 225.0 and moved[SynthTissue.CYST] == 105.0  # nearest admissible values
 
 
 def test_validation_only_datasets_are_refused_for_training(tmp_path):
@@ -270,3 +277,18 @@ def test_synth_mixed_trains_on_both_sources_and_needs_the_second(tmp_path, monke
     assert len(drawn) == 2 * 2 * 6
     with pytest.raises(InputError, match="resumed run keeps"):
         train_run(None, None, run, resume=True, device="cpu", mix_data=rendered)
+
+
+def test_medullary_pyramids_are_cones_from_the_sinus():
+    from Training.synth import _pyramids
+
+    grid = Grid((41, 41, 41), (1.0, 1.0, 1.0), (-20.0, -20.0, -20.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    x, y, z = grid.axis_coords()
+    cones = _pyramids(x, y, z, (0.0, 0.0, 0.0), (10.0, 10.0, 10.0), np.zeros(grid.shape, np.float32),
+                      np.random.default_rng(0))
+    assert 0.15 < cones.mean() < 0.9  # several cones, not the whole kidney
+    # a cone holds whole rays: a voxel inside keeps its twice-as-far twin inside (directions only decide)
+    zz, yy, xx = np.nonzero(cones[10:31, 10:31, 10:31])
+    zz, yy, xx = zz + 10, yy + 10, xx + 10
+    far = cones[2 * zz - 20, 2 * yy - 20, 2 * xx - 20]
+    assert far.mean() > 0.97

@@ -269,6 +269,15 @@ def test_low_resolution_augmentation_averages_slices_and_keeps_labels():
     assert torch.equal(in_plane(x, y, torch.Generator().manual_seed(0))[0], x)  # constant in-plane: nothing to lose
     off = Augmenter({"low_resolution": {"probability": 0.0, "factor": [2.0, 3.0]}}, (1, 1, 1), 3, -1.0)
     assert torch.equal(off(x, y, torch.Generator().manual_seed(0))[0], x)
+    # its own in-plane factor: x stripes of period 2 flatten in-plane while the z stripes stay (z factor 1)
+    both = torch.zeros(1, 1, 8, 6, 6)
+    both[:, :, 0::2] = 1.0
+    both[..., 0::2] += 2.0
+    split = Augmenter({"low_resolution": {"probability": 1.0, "factor": [1.0, 1.0], "axes": [2],
+                                          "inplane_factor": [2.0, 2.0]}}, (1, 1, 1), 3, -1.0)
+    xs = split(both, y, torch.Generator().manual_seed(0))[0]
+    assert torch.allclose(xs[:, :, 0::2], torch.full_like(xs[:, :, 0::2], 2.0))
+    assert torch.allclose(xs[:, :, 1::2], torch.full_like(xs[:, :, 1::2], 1.0))
 
 
 def test_schedules_follow_their_rules_and_resume_exactly():

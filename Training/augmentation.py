@@ -20,11 +20,13 @@ Recipe keys (all optional; probabilities per sample):
   scale): ``intensity_gain`` [low, high], ``intensity_shift_hu`` (normal sd), ``noise_hu``
   [low, high] (sd of Gaussian noise), ``blur_sigma_voxels`` [low, high] with ``blur_probability``,
   ``gamma`` [low, high] with ``gamma_probability`` (on the sample's min-max range, nnU-Net style).
-* resolution: ``low_resolution`` {probability, factor [low, high], axes} simulates a coarser scan
-  (thicker slices, larger pixels): the image channels are block-averaged down by a factor drawn
-  per sample (the same on every listed axis; 0 = x, 1 = y, 2 = z, default all) and interpolated
+* resolution: ``low_resolution`` {probability, factor [low, high], axes, inplane_factor} simulates a
+  coarser scan (thicker slices, larger pixels): the image channels are block-averaged down by a factor
+  drawn per sample (the same on every listed axis; 0 = x, 1 = y, 2 = z, default all) and interpolated
   back to the patch grid; labels are untouched, so the network learns to keep the anatomy it
-  knows on a blurred, partial-volumed image.
+  knows on a blurred, partial-volumed image. ``inplane_factor`` [low, high] (optional) draws a second,
+  independent factor for x and y (then ``axes`` should name z only): a scan with thick slices *and*
+  large pixels, as a downsampled or low-dose reconstruction has.
 * ``fov_cut`` {probability, max_fraction, axes}: a scan that ends inside the patch: a slab of a random
   0.1..``max_fraction`` of the patch at one end of one of ``axes`` (0 = x, 1 = y, 2 = z) becomes the padding
   value (what inference feeds beyond the image) and background in the labels, after everything else.
@@ -144,6 +146,10 @@ class Augmenter:
         cut = s.get("fov_cut") or {}
         if cut:  # per sample: on?, axis, side, fraction
             cut_draws = torch.rand(b, 4, generator=generator)
+        inplane_factor = None
+        if low and low.get("inplane_factor"):  # drawn last, so recipes without it keep their draws
+            ilo, ihi = low["inplane_factor"]
+            inplane_factor = ilo + (ihi - ilo) * u()
 
         rot_on = (p_rot < float(s.get("rotation_probability", 0.0))) & bool(s.get("rotation_deg"))
         scale_on = (p_scale < float(s.get("scale_probability", 0.0))) & bool(s.get("scale"))
@@ -181,8 +187,10 @@ class Augmenter:
             view = (-1,) + (1,) * (img.dim() - 1)
             img = img * gain.to(img).view(view) + shift.to(img).view(view)
         if low:
-            img = self._low_resolution(img, p_low < float(low.get("probability", 0.0)), low_factor,
-                                       low.get("axes", [0, 1, 2]))
+            on = p_low < float(low.get("probability", 0.0))
+            img = self._low_resolution(img, on, low_factor, low.get("axes", [0, 1, 2]))
+            if inplane_factor is not None:
+                img = self._low_resolution(img, on, inplane_factor, [0, 1])
         if "noise_hu" in s:
             dev_gen = torch.Generator(device=x.device).manual_seed(field_seed + 1)
             noise = torch.randn(img.shape, generator=dev_gen, device=x.device, dtype=img.dtype)

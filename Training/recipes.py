@@ -449,6 +449,11 @@ _SD_AUGMENTATION = {"synthesize": {"random_probability": 0.35, "texture_scale": 
                     "rotation_deg": [8, 8, 20], "rotation_probability": 0.4, "scale": [0.85, 1.2], "scale_probability": 0.4,
                     "elastic": {"probability": 0.2, "magnitude_mm": 6.0, "sigma_mm": 30.0},
                     "fov_cut": {"probability": 0.15, "max_fraction": 0.5, "axes": [2]}}
+#: the fine stage (2 mm) also sees large pixels: scans reconstructed or stored at 3-4 mm in-plane (the ds4 phantoms
+#: and the bundled sample are 3.6 mm) were sharper than anything it had been shown
+_SD_FINE_AUGMENTATION = dict(copy.deepcopy(_SD_AUGMENTATION), blur_sigma_voxels=[0.3, 1.5],
+                             low_resolution={"probability": 0.45, "factor": [1.0, 3.0], "axes": [2],
+                                             "inplane_factor": [1.0, 2.2]})
 _register({
     "name": "synth_default",
     # a model for scans it has never seen: its kidney regions and final kidneys are checked for anatomical
@@ -463,7 +468,7 @@ _register({
                           augmentation=_SD_AUGMENTATION, validation=None)},
         {"manifest": _with_plausible_regions(RECIPES["phantom_fast"]["stages"][1]["manifest"]),
          "training": dict(copy.deepcopy(RECIPES["phantom_fast"]["stages"][1]["training"]), epochs=240,
-                          sampler={"kind": "class_balanced"}, augmentation=_SD_AUGMENTATION, validation=None)},
+                          sampler={"kind": "class_balanced"}, augmentation=_SD_FINE_AUGMENTATION, validation=None)},
     ],
     # implausible fragments go by the plausibility rules, so no relative-size rule is needed (0.1 of a 1.5 L tumor
     # kidney would drop a normal contralateral kidney: KiTS23 cases 30 and 430)
@@ -472,10 +477,12 @@ _register({
     "reproduces": ["the two-resolution VB-Net scheme of seed 002 at CPU size"],
     "leaves_out": ["1 mm fine spacing, 96^3 crops and full widths (CPU budget)",
                    "validation during training (a tissue map has no fixed image; evaluate on the validation generator)"],
-    "choices": ["data: `python -m Training synth-preprocess` tissue maps of KiTS23 label maps (2 random bodies per case)",
+    "choices": ["data: `python -m Training synth-preprocess` tissue maps of KiTS23 label maps (2 random bodies per case); "
+                "medulla as 7-13 pyramids from the sinus in 3/4 of maps, irregular blobs in the rest",
                 "per patch: 35 % fully random tissue means in [-150, 450] HU (air, lung and gas stay dark), else one of four "
-                "contrast phases' priors; tumors and cysts at least 25 HU from the parenchyma (visible); texture and a 30 HU "
-                "bias field; then noise 3-40 HU, slices up to 3x thicker, blur, "
+                "contrast phases' priors; tumors and cysts at least 25 HU from each parenchyma mean (visible); texture and a "
+                "30 HU bias field; then noise 3-40 HU, slices up to 3x thicker (fine stage: and pixels up to 2.2x larger), "
+                "blur, "
                 "rotation, scale, elastic deformation, left-right mirroring, and in 15 % of patches a scan that ends "
                 "inside the patch (fov_cut along z)",
                 "final weights exported (no validation during training)",

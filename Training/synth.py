@@ -105,19 +105,44 @@ def _kidney_parts(T: np.ndarray, lab: np.ndarray, grid: Grid, frame, rng: np.ran
     pattern = smooth_noise(grid, max(3.5 * s, h), rng)
     level = rng.uniform(-0.6, 0.0)
     T[tissue] = SynthTissue.CORTEX
-    T[tissue & (depth > cortex_mm) & (pattern > level)] = SynthTissue.MEDULLA
+    blobs = rng.random() < 0.25  # else medullary pyramids, drawn per kidney below
+    if blobs:
+        T[tissue & (depth > cortex_mm) & (pattern > level)] = SynthTissue.MEDULLA
     x, y, z = grid.axis_coords()
     fine = smooth_noise(grid, max(1.5 * s, h), rng)
     hila = []
     for side, (hx, hy, hz), semi, q in hilum_quadrics(tissue, x, y, z, frame.x, float(np.prod(grid.spacing)) / 1000.0,
                                                       10.0 * s ** 3, h):
         m = tissue & ((x - frame.x) * side > 0)
+        if not blobs:
+            T[m & _pyramids(x, y, z, (hx + side * 0.3 * semi[0], hy, hz), semi, pattern, rng)
+              & (depth > cortex_mm)] = SynthTissue.MEDULLA
         sinus = m & (q < rng.uniform(0.7, 1.1)) & (depth > 0.8 * cortex_mm)
         T[sinus] = SynthTissue.SINUS_FAT
         T[sinus & (q < rng.uniform(0.15, 0.4))] = SynthTissue.COLLECTING
         T[sinus & (fine > rng.uniform(0.8, 1.4))] = SynthTissue.RENAL_VESSEL
         hila.append(np.array([hx - side * 0.5 * semi[0], hy, hz]))
     return hila
+
+
+def _pyramids(x, y, z, centre, semi, pattern: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Medullary pyramids of one kidney: 7-13 cones from ``centre`` (LPS mm, near the renal sinus) along random
+    directions in the kidney's own proportions (``semi``: its semi-axes, mm), their edges roughened by ``pattern``
+    (smooth noise on the grid). Returns a bool (z, y, x) mask; the caller keeps it below the cortex.
+
+    Real medulla is a set of cones whose bases face the cortex and whose tips point at the sinus, separated by
+    cortical columns; a network shown only irregular medullary blobs takes a real kidney's pyramids, or a round
+    tumor, for the other (why the blob pattern is kept for a quarter of the maps only)."""
+    u = [(x - centre[0]) / semi[0], (y - centre[1]) / semi[1], (z - centre[2]) / semi[2]]
+    norm = np.sqrt(u[0] ** 2 + u[1] ** 2 + u[2] ** 2) + 1e-6
+    n = int(rng.integers(7, 14))
+    axes = rng.standard_normal((n, 3))
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    cos_nearest = np.full(np.broadcast_shapes(u[0].shape, u[1].shape, u[2].shape), -1.0, np.float32)
+    for a in axes:
+        np.maximum(cos_nearest, (u[0] * a[0] + u[1] * a[1] + u[2] * a[2]) / norm, out=cos_nearest)
+    half_angle = np.radians(rng.uniform(22.0, 34.0))
+    return cos_nearest + 0.04 * pattern > np.cos(half_angle)
 
 
 def _tumor_parts(T: np.ndarray, lab: np.ndarray, grid: Grid, frame, rng: np.random.Generator) -> None:
@@ -370,7 +395,8 @@ class TissueSynthesizer:
     0.35), ``phases`` (the phase names to draw from, default all four), ``random_hu`` [low, high] (range of the random
     mode, default [-150, 450]), ``texture_scale`` (multiplies the texture amplitudes, default 1), ``bias_hu`` (largest
     bias-field amplitude, default 30), ``lesion_contrast_hu`` (default 0: off): tumor and cyst means at least this far
-    from both kidney parenchyma means (moved away from their mean where they are closer) — a lesion the network is
+    from each kidney parenchyma mean (moved to the nearest value that is, where they are closer; between a cortex and
+    a medulla that differ by more than twice this is allowed) — a lesion the network is
     taught to find must be visible, or it learns to invent lesions in homogeneous kidneys.
     ``window``: the stage normalisation's (low, high, center, scale).
     """
@@ -415,12 +441,15 @@ class TissueSynthesizer:
         if c <= 0:
             return mu
         mu = mu.clone()
-        cortex, medulla = float(mu[SynthTissue.CORTEX]), float(mu[SynthTissue.MEDULLA])
-        lo, hi = min(cortex, medulla) - c, max(cortex, medulla) + c
+        parenchyma = (float(mu[SynthTissue.CORTEX]), float(mu[SynthTissue.MEDULLA]))
+        # each parenchyma mean excludes its own band only: a lesion between a bright cortex and a dark medulla (an
+        # arterial-phase carcinoma) is visible and real, and excluding the whole span taught the network that
+        # anything of intermediate density inside a kidney is kidney
+        admissible = [e for k in parenchyma for e in (k - c, k + c) if all(abs(e - j) >= c - 1e-3 for j in parenchyma)]
         for t in (SynthTissue.TUMOR, SynthTissue.TUMOR_B, SynthTissue.CYST):
             v = float(mu[t])
-            if lo < v < hi:  # too close to the parenchyma: move to the nearer side of the excluded band
-                mu[t] = lo if v - lo < hi - v else hi
+            if any(abs(v - k) < c for k in parenchyma):  # too close: move to the nearest admissible value
+                mu[t] = min(admissible, key=lambda e: abs(e - v))
         return mu
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
