@@ -292,3 +292,28 @@ def test_medullary_pyramids_are_cones_from_the_sinus():
     zz, yy, xx = zz + 10, yy + 10, xx + 10
     far = cones[2 * zz - 20, 2 * yy - 20, 2 * xx - 20]
     assert far.mean() > 0.97
+
+
+def test_organ_lesions_stay_in_their_organ_and_some_touch_the_kidney():
+    from Training.phantom_anatomy import frame_from_grid
+    from Training.synth import _organ_lesions
+
+    grid = Grid((40, 40, 30), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    base = np.full(grid.shape, Tissue.FAT, np.int8)
+    base[:, :, :20] = Tissue.LIVER
+    base[:, :4] = Tissue.CORTICAL_BONE
+    fg = np.zeros(grid.shape, bool)
+    fg[10:20, 15:25, 21:30] = True  # a "kidney" 2 mm from the liver's edge
+    painted, touching = 0, 0
+    for seed in range(12):
+        T = base.copy()
+        _organ_lesions(T, fg, grid, frame_from_grid(grid), np.random.default_rng(seed))
+        lesion = np.isin(T, (SynthTissue.ORGAN_LESION, SynthTissue.ORGAN_CYST))
+        if not lesion.any():
+            continue
+        painted += 1
+        assert np.isin(base[lesion], (Tissue.LIVER, Tissue.FAT)).all()  # never bone
+        assert (base[lesion] == Tissue.LIVER).mean() > 0.5
+        touching += bool(lesion[10:20, 15:25, 16:20].any())  # in the liver right beside the kidney
+    assert 3 <= painted < 12  # in some maps only
+    assert touching >= 1  # the case that matters: a liver mass against the kidney

@@ -64,9 +64,11 @@ class SynthTissue(IntEnum):
     TABLE = 26
     ARM_MUSCLE = 27
     ARM_BONE = 28
+    ORGAN_LESION = 29
+    ORGAN_CYST = 30
 
 
-NUM_TISSUES = 29
+NUM_TISSUES = 31
 _T = {t.name.lower(): int(t) for t in Tissue}
 _T.update({t.name.lower(): int(t) for t in SynthTissue})
 
@@ -222,11 +224,40 @@ def _table_and_arms(T: np.ndarray, grid: Grid, frame, rng: np.random.Generator) 
             T[np.broadcast_to(bone, T.shape) & free] = SynthTissue.ARM_BONE
 
 
+def _organ_lesions(T: np.ndarray, fg: np.ndarray, grid: Grid, frame, rng: np.random.Generator) -> None:
+    """Focal masses and cysts in the liver and spleen (background to the network), in 60 % of maps: 1-5 roughened
+    ellipsoids of 4-35 mm radius, half of the time one of them centred on the organ's border with a kidney (``fg``).
+
+    Incidental liver cysts, haemangiomas and metastases are common in abdominal CT; a network that never saw a mass
+    outside the kidney calls the first one beside a kidney renal tumor (a hypodense liver mass over the right
+    kidney's upper pole of a real venous-phase CT, 183 mL of it, 2026-12-02)."""
+    if rng.random() >= 0.6:
+        return
+    s = frame.scale
+    x, y, z = grid.axis_coords()
+    organ = np.isin(T, (Tissue.LIVER, Tissue.SPLEEN))
+    if not organ.any():
+        return
+    near_kidney = organ & (_depth(~fg, grid) <= 15.0) if fg.any() else np.zeros_like(organ)
+    rough = smooth_noise(grid, max(4.0 * s, min(grid.spacing)), rng)
+    for i in range(int(rng.integers(1, 6))):
+        pool = near_kidney if (i == 0 and near_kidney.any() and rng.random() < 0.5) else organ
+        idx = np.flatnonzero(pool)
+        k = np.unravel_index(int(idx[rng.integers(len(idx))]), T.shape)
+        c = (float(x[0, 0, k[2]]), float(y[0, k[1], 0]), float(z[k[0], 0, 0]))
+        r = rng.uniform(4.0, 35.0) * s * rng.uniform(0.75, 1.25, 3)
+        q = ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2
+        tissue = SynthTissue.ORGAN_CYST if rng.random() < 0.35 else SynthTissue.ORGAN_LESION
+        # a mass grows within its organ but may bulge a little beyond it; it never covers bone, air or the kidney
+        T[(q + 0.15 * rough < 1.0) & (organ | ((q < 0.8) & np.isin(T, (Tissue.FAT, Tissue.MUSCLE))))] = tissue
+
+
 def tissue_map(labels: np.ndarray, grid: Grid, frame, rng: np.random.Generator) -> np.ndarray:
     """Tissue ids (int8, array (z, y, x)) for ``labels`` (uint8 KiTS labels on ``grid``, an identity-direction grid
     in LPS mm) with the body of ``frame`` around them (see the module text)."""
     T = body_tissues(grid, frame, rng).astype(np.int8)
     fg = labels > 0
+    _organ_lesions(T, fg, grid, frame, rng)
     T[fg] = Tissue.FAT  # what the labels do not cover inside their box stays fat
     hila = _kidney_parts(T, labels, grid, frame, rng)
     _tumor_parts(T, labels, grid, frame, rng)
@@ -357,24 +388,30 @@ def preprocess_synth(cache_root: Path, stage_manifests: Sequence[dict], labels_d
 _COMMON = {"air": (-1010, -980), "fat": (-125, -75), "muscle": (35, 70), "lung": (-900, -750), "bowel_gas": (-1010, -900),
            "bone": (130, 350), "cortical_bone": (450, 1100), "disc": (60, 110), "csf": (0, 20), "sinus_fat": (-110, -30),
            "cyst": (-5, 20), "calcification": (300, 900), "table": (-600, 300), "arm_muscle": (35, 70),
-           "arm_bone": (400, 1100), "necrosis": (5, 35), "bowel_content": (0, 40)}
+           "arm_bone": (400, 1100), "necrosis": (5, 35), "bowel_content": (0, 40),
+           "organ_cyst": (-5, 20)}
 PHASES = {
     "unenhanced": {"cortex": (20, 45), "medulla": (20, 45), "collecting": (0, 20), "renal_vessel": (30, 55),
                    "tumor": (15, 60), "tumor_b": (15, 60), "liver": (45, 75), "spleen": (40, 60), "heart": (30, 55),
-                   "aorta": (30, 55), "ivc": (30, 55), "bowel_wall": (30, 55)},
+                   "aorta": (30, 55), "ivc": (30, 55), "bowel_wall": (30, 55),
+                   "organ_lesion": (15, 55)},
     "arterial": {"cortex": (140, 320), "medulla": (50, 130), "collecting": (0, 25), "renal_vessel": (200, 450),
                  "tumor": (40, 280), "tumor_b": (30, 200), "liver": (55, 95), "spleen": (80, 180), "heart": (180, 400),
-                 "aorta": (200, 450), "ivc": (50, 150), "bowel_wall": (60, 130)},
+                 "aorta": (200, 450), "ivc": (50, 150), "bowel_wall": (60, 130),
+                 "organ_lesion": (30, 220)},
     "venous": {"cortex": (130, 240), "medulla": (110, 230), "collecting": (0, 30), "renal_vessel": (130, 240),
                "tumor": (40, 200), "tumor_b": (30, 170), "liver": (90, 150), "spleen": (95, 150), "heart": (120, 220),
-               "aorta": (130, 230), "ivc": (110, 210), "bowel_wall": (60, 120)},
+               "aorta": (130, 230), "ivc": (110, 210), "bowel_wall": (60, 120),
+               "organ_lesion": (25, 130)},
     "delayed": {"cortex": (80, 160), "medulla": (90, 170), "collecting": (200, 1200), "renal_vessel": (70, 140),
                 "tumor": (35, 130), "tumor_b": (30, 120), "liver": (70, 115), "spleen": (70, 110), "heart": (70, 130),
-                "aorta": (70, 140), "ivc": (70, 140), "bowel_wall": (50, 100)},
+                "aorta": (70, 140), "ivc": (70, 140), "bowel_wall": (50, 100),
+                "organ_lesion": (25, 120)},
 }
 #: texture amplitude (HU, the largest sd drawn) per tissue; unlisted tissues 15
 _TEXTURE = {"air": 3, "lung": 40, "bowel_gas": 20, "bone": 60, "cortical_bone": 120, "arm_bone": 100, "calcification": 100,
-            "collecting": 40, "bowel_content": 30, "tumor": 30, "tumor_b": 30, "table": 60}
+            "collecting": 40, "bowel_content": 30, "tumor": 30, "tumor_b": 30, "table": 60,
+            "organ_lesion": 30, "organ_cyst": 5}
 #: tissues that stay dark (air-filled) in the random mode too: the one intensity fact every CT shares
 _DARK = ("air", "lung", "bowel_gas")
 _NAMES = sorted(_T, key=lambda k: _T[k])
