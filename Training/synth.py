@@ -6,11 +6,13 @@ that model (0.93 kidney Dice on its own phantoms, about 0.35 on real CT). Here t
 every training patch, so that no intensity, contrast, texture or resolution can be relied on, only shape and context:
 
 1. **Tissue maps** (:func:`tissue_map`, made once per case, stage region and variant by :func:`synth_stage_volumes`): a
-   real KiTS label map resampled onto a stage's working grid, its kidneys split into cortex, medulla, renal sinus fat,
-   collecting system and hilar vessels, its tumors into two enhancement compartments, necrosis and calcification,
-   cysts kept, and the abdomen around them from :func:`Training.phantom_anatomy.body_tissues` (liver, spleen, bowel
-   with gas and contrast, psoas, spine, ribs, aorta / IVC, fat, lung bases, heart), with renal vessels from each
-   hilum to the aorta / IVC, a scanner table under the patient and, sometimes, arms beside the body. Stored as int8
+   real KiTS label map resampled onto a stage's working grid, its kidneys split into cortex, medulla (pyramids from
+   the sinus in most maps), renal sinus fat, collecting system and hilar vessels, its tumors into two enhancement
+   compartments, necrosis and calcification, cysts kept, and the abdomen around them from
+   :func:`Training.phantom_anatomy.body_tissues` (liver, spleen, bowel with gas and contrast, psoas, spine, ribs,
+   aorta / IVC, fat, lung bases, heart), with focal masses and cysts in the liver and spleen (sometimes against a
+   kidney), renal vessels from each hilum to the aorta / IVC, a scanner table under the patient and, sometimes, arms
+   beside the body. Stored as int8
    tissue ids in the usual cache layout (:mod:`Training.preprocess`), so sampling, folds and training are unchanged.
 2. **Intensities on the fly** (:class:`TissueSynthesizer`, the ``synthesize`` augmentation key, run first on every
    batch): each tissue's mean HU, spread and texture are drawn per patch, either from a contrast phase's broad
