@@ -207,6 +207,18 @@ def test_fov_cut_makes_a_scan_end_inside_the_patch():
     off = Augmenter({"fov_cut": {"probability": 0.0}}, (2.0, 2.0, 2.0), 3, -1.0)
     x3, y3 = off(x, y, torch.Generator().manual_seed(0))
     assert torch.equal(x3, x) and torch.equal(y3, y)
+    # a short scan: only a slab of 2-3 slices (0.2-0.3 of 10) stays, somewhere inside the patch
+    slab = Augmenter({"fov_cut": {"probability": 1.0, "axes": [2], "slab_probability": 1.0, "slab_fraction": [0.2, 0.3]}},
+                     (2.0, 2.0, 2.0), 3, -1.0)
+    x4, y4 = slab(x, y, torch.Generator().manual_seed(1))
+    starts = set()
+    for i in range(8):
+        kept = ~(x4[i, 0] == -1.0).all(dim=(1, 2))
+        assert torch.equal(kept, (y4[i] == 1).all(dim=(1, 2)))
+        idx = torch.nonzero(kept).flatten()
+        assert 2 <= len(idx) <= 3 and int(idx[-1] - idx[0]) == len(idx) - 1  # one contiguous slab
+        starts.add(int(idx[0]))
+    assert len(starts) > 1 and any(0 < s_ < 7 for s_ in starts)  # placed at random, not only at the ends
 
 
 class _FixedSampler:

@@ -29,7 +29,9 @@ Recipe keys (all optional; probabilities per sample):
   large pixels, as a downsampled or low-dose reconstruction has.
 * ``fov_cut`` {probability, max_fraction, axes}: a scan that ends inside the patch: a slab of a random
   0.1..``max_fraction`` of the patch at one end of one of ``axes`` (0 = x, 1 = y, 2 = z) becomes the padding
-  value (what inference feeds beyond the image) and background in the labels, after everything else.
+  value (what inference feeds beyond the image) and background in the labels, after everything else;
+  ``slab_probability`` / ``slab_fraction`` [low, high]: that share of the cut samples keeps only a slab of that
+  fraction of the patch (both ends cut: a short scan, such as a 9 cm kidney series, inside a 38 cm patch).
 * ``synthesize`` {random_probability, phases, random_hu, texture_scale, bias_hu}: the image channel holds
   tissue ids of a synthesis cache (:mod:`Training.synth`), turned into normalised CT with a contrast drawn
   per sample (:class:`Training.synth.TissueSynthesizer`) before everything above; needs ``normalization``.
@@ -150,6 +152,7 @@ class Augmenter:
         if low and low.get("inplane_factor"):  # drawn last, so recipes without it keep their draws
             ilo, ihi = low["inplane_factor"]
             inplane_factor = ilo + (ihi - ilo) * u()
+        slab_draws = torch.rand(b, 3, generator=generator) if cut and cut.get("slab_probability") else None
 
         rot_on = (p_rot < float(s.get("rotation_probability", 0.0))) & bool(s.get("rotation_deg"))
         scale_on = (p_scale < float(s.get("scale_probability", 0.0))) & bool(s.get("scale"))
@@ -209,26 +212,35 @@ class Augmenter:
                     img[i] = ((img[i] - lo_v) / rng).clamp(0, 1) ** float(gamma[i]) * rng + lo_v
         x[:, : self.k] = img
         if cut:
-            self._fov_cut(x, y, cut, cut_draws)
+            self._fov_cut(x, y, cut, cut_draws, slab_draws)
         return x, y
 
-    def _fov_cut(self, x: torch.Tensor, y: torch.Tensor, cut: dict, draws: torch.Tensor) -> None:
-        """In place: the ``fov_cut`` slab of each selected sample becomes padding (image channels) and background."""
+    def _fov_cut(self, x: torch.Tensor, y: torch.Tensor, cut: dict, draws: torch.Tensor, slab_draws=None) -> None:
+        """In place: the ``fov_cut`` slab of each selected sample becomes padding (image channels) and background;
+        with ``slab_probability``, that share of the cut samples keeps only a slab of ``slab_fraction`` [low, high] of
+        the patch at a random place (a short scan: both ends cut)."""
         axes = [int(a) for a in cut.get("axes", [2]) if self.dims - 1 - int(a) >= 0]
         if not axes:
             return
         top = float(cut.get("max_fraction", 0.5))
+        slo, shi = cut.get("slab_fraction", [0.2, 0.5])
         for i in range(x.shape[0]):
             on, a, side, frac = (float(v) for v in draws[i])
             if on >= float(cut.get("probability", 0.0)):
                 continue
             dim = self.dims - 1 - axes[min(int(a * len(axes)), len(axes) - 1)]  # x is the last tensor axis
             n = x.shape[2 + dim]
-            width = max(1, int(round(n * (0.1 + (top - 0.1) * frac))))
-            sl = slice(0, width) if side < 0.5 else slice(n - width, n)
-            xi = x[i, : self.k].narrow(1 + dim, sl.start, width)
-            xi.fill_(self.pad_value)
-            y[i].narrow(dim, sl.start, width).fill_(0)
+            if slab_draws is not None and float(slab_draws[i, 0]) < float(cut["slab_probability"]):
+                keep = max(1, int(round(n * (slo + (shi - slo) * float(slab_draws[i, 1])))))
+                start = int(round((n - keep) * float(slab_draws[i, 2])))
+                slabs = [(0, start), (start + keep, n - start - keep)]
+            else:
+                width = max(1, int(round(n * (0.1 + (top - 0.1) * frac))))
+                slabs = [(0, width) if side < 0.5 else (n - width, width)]
+            for begin, width in slabs:
+                if width > 0:
+                    x[i, : self.k].narrow(1 + dim, begin, width).fill_(self.pad_value)
+                    y[i].narrow(dim, begin, width).fill_(0)
 
     def _low_resolution(self, img: torch.Tensor, on: torch.Tensor, factor: torch.Tensor, axes) -> torch.Tensor:
         """Image channels ``[B, K, *S]`` of the samples where ``on``: area-downsampled by ``factor`` along

@@ -448,7 +448,8 @@ _SD_AUGMENTATION = {"synthesize": {"random_probability": 0.35, "texture_scale": 
                     "blur_sigma_voxels": [0.3, 1.2], "blur_probability": 0.7,
                     "rotation_deg": [8, 8, 20], "rotation_probability": 0.4, "scale": [0.85, 1.2], "scale_probability": 0.4,
                     "elastic": {"probability": 0.2, "magnitude_mm": 6.0, "sigma_mm": 30.0},
-                    "fov_cut": {"probability": 0.15, "max_fraction": 0.5, "axes": [2]}}
+                    "fov_cut": {"probability": 0.2, "max_fraction": 0.5, "axes": [2], "slab_probability": 0.4,
+                                "slab_fraction": [0.2, 0.5]}}
 #: the fine stage (2 mm) also sees large pixels: scans reconstructed or stored at 3-4 mm in-plane (the ds4 phantoms
 #: and the bundled sample are 3.6 mm) were sharper than anything it had been shown
 _SD_FINE_AUGMENTATION = dict(copy.deepcopy(_SD_AUGMENTATION), blur_sigma_voxels=[0.3, 1.5],
@@ -483,8 +484,8 @@ _register({
                 "contrast phases' priors; tumors and cysts at least 25 HU from each parenchyma mean (visible); texture and a "
                 "30 HU bias field; then noise 3-40 HU, slices up to 3x thicker (fine stage: and pixels up to 2.2x larger), "
                 "blur, "
-                "rotation, scale, elastic deformation, left-right mirroring, and in 15 % of patches a scan that ends "
-                "inside the patch (fov_cut along z)",
+                "rotation, scale, elastic deformation, left-right mirroring, and in 20 % of patches a scan that ends "
+                "inside the patch (fov_cut along z; 2 in 5 of them a short scan, both ends cut, 20-50 % of the patch left)",
                 "final weights exported (no validation during training)",
                 "plausibility rules on for the fine stage's regions and the final kidneys; no relative-size rule"],
     "smoke": _VBNET_SMOKE,
