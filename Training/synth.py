@@ -142,7 +142,7 @@ def _pyramids(x, y, z, centre, semi, pattern: np.ndarray, rng: np.random.Generat
     n = int(rng.integers(7, 14))
     axes = rng.standard_normal((n, 3))
     axes /= np.linalg.norm(axes, axis=1, keepdims=True)
-    cos_nearest = np.full(np.broadcast_shapes(u[0].shape, u[1].shape, u[2].shape), -1.0, np.float32)
+    cos_nearest = np.full(norm.shape, -1.0, np.float32)
     for a in axes:
         np.maximum(cos_nearest, (u[0] * a[0] + u[1] * a[1] + u[2] * a[2]) / norm, out=cos_nearest)
     half_angle = np.radians(rng.uniform(22.0, 34.0))
