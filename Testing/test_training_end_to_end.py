@@ -215,6 +215,19 @@ def test_compose_replaces_only_the_named_stage(trained, prepared, capsys):
     files = [w.file for w in next(s for s in again.manifest.stages if s.name == "coarse").weights]
     assert len(files) == len(set(files)) == 3
     assert all(torch.equal(a[k], b[k]) for a, b in zip(states(again, "coarse")[:2], members) for k in a)
+    # --drop: the named base member leaves the ensemble, the others stay in order, provenance names it
+    first = files[0]
+    assert main(["--quiet", "compose", "--base", str(again.root), "--drop", f"coarse={first}",
+                 "--out", str(prepared / "dropped")]) == 0
+    dropped = load_package(str(prepared / "dropped"))
+    kept = states(dropped, "coarse")
+    assert len(kept) == 2 and all(torch.equal(a[k], b[k]) for a, b in zip(kept, states(again, "coarse")[1:]) for k in a)
+    assert [d["file"] for d in dropped.manifest.provenance["dropped_members"]["coarse"]] == [first]
+    with pytest.raises(InputError, match="no member"):
+        compose_package(str(again.root), {}, prepared / "dropped2", removals={"coarse": ["nope.pt"]})
+    with pytest.raises(InputError, match="without a network"):
+        compose_package(str(base.root), {}, prepared / "dropped3",
+                        removals={"coarse": [w.file for w in base.manifest.stages[0].weights]})
     # a member must share the whole stage entry: a run with another coarse spacing cannot join
     spaced = prepared / "run_spaced"
     train_run("phantom_fast", prepared / "cache", spaced, smoke=True, stages=["coarse"],

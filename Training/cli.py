@@ -184,9 +184,15 @@ def cmd_compose(args) -> int:
             out[stage] = Path(run)
         return out
 
+    drops: dict = {}
+    for item in args.drop or []:
+        stage, sep, file = item.partition("=")
+        if not sep or not stage or not file:
+            raise InputError(f"--drop takes NAME=FILE (e.g. coarse=coarse_run0_0.pt), got {item!r}")
+        drops.setdefault(stage, []).append(file)
     package = compose_package(args.base, pairs(args.stage, "--stage"), Path(args.out), name=args.name,
                               version=args.version, allow_unfinished=args.allow_unfinished, overwrite=args.overwrite,
-                              additions=pairs(args.add, "--add"), description=args.description)
+                              additions=pairs(args.add, "--add"), description=args.description, removals=drops)
     m = package.manifest
     print(json.dumps({"package": str(package.root), "name": m.name, "version": m.version,
                       "weights": {s.name: [w.file for w in s.weights] for s in m.stages}}))
@@ -327,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stage", action="append", metavar="NAME=RUN", help="replace stage NAME by run RUN's (repeatable)")
     s.add_argument("--add", action="append", metavar="NAME=RUN",
                    help="add run RUN's weights for stage NAME to the base's ensemble (same stage entry; repeatable)")
+    s.add_argument("--drop", action="append", metavar="NAME=FILE",
+                   help="leave the base's member FILE (a weights file of its manifest) out of stage NAME's ensemble "
+                        "(repeatable)")
     s.add_argument("--out", required=True, help="package folder to write")
     s.add_argument("--name", help="package name (default: the base's)")
     s.add_argument("--version", help="package version (default: the base's)")

@@ -12,7 +12,9 @@ channels (later stages read its labels and probabilities), so the composed casca
 
 A run's stage can instead be *added* to the base stage's ensemble (``--add``): the library averages the members'
 probabilities, which is only meaningful for networks of one stage entry, so an added member's whole manifest entry
-(network, spacing, normalisation, patch, TTA axes, region, inputs) must equal the base's; the base's members stay.
+(network, spacing, normalisation, patch, TTA axes, region, inputs) must equal the base's; the base's members stay,
+except those named by ``--drop`` (a member whose training data transfers worse than the others' can be left out
+of the average without retraining the rest); provenance lists the dropped files with their sha256.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -48,28 +50,41 @@ def _contract(stage: Mapping) -> tuple:
 
 def compose_package(base: str, replacements: Mapping[str, Path], out: Path, name: Optional[str] = None,
                     version: Optional[str] = None, allow_unfinished: bool = False, overwrite: bool = False,
-                    additions: Optional[Mapping[str, Path]] = None, description: Optional[str] = None) -> ModelPackage:
+                    additions: Optional[Mapping[str, Path]] = None, description: Optional[str] = None,
+                    removals: Optional[Mapping[str, Sequence[str]]] = None) -> ModelPackage:
     """Write ``out``: package ``base`` (an installed name or a folder) with the stages named in ``replacements``
-    (stage name -> training run folder) taken from those runs, and the stages named in ``additions`` given the
-    run's weights as extra ensemble members; returns the loaded package."""
+    (stage name -> training run folder) taken from those runs, the stages named in ``additions`` given the
+    run's weights as extra ensemble members, and the base members named in ``removals`` (stage name -> weight
+    files of the base's manifest) left out; returns the loaded package."""
     additions = dict(additions or {})
-    if not replacements and not additions:
-        raise InputError("compose needs at least one --stage NAME=RUN to replace or --add NAME=RUN to add")
+    removals = {k: list(v) for k, v in (removals or {}).items()}
+    if not replacements and not additions and not removals:
+        raise InputError("compose needs at least one --stage NAME=RUN to replace, --add NAME=RUN to add or "
+                         "--drop NAME=FILE to leave out")
     both = sorted(set(replacements) & set(additions))
     if both:
         raise InputError(f"stage(s) {', '.join(both)} both replaced and added to; choose one")
+    replaced_and_dropped = sorted(set(replacements) & set(removals))
+    if replaced_and_dropped:
+        raise InputError(f"stage(s) {', '.join(replaced_and_dropped)} both replaced and dropped from; a replaced "
+                         "stage keeps none of the base's members anyway")
     package = load_package(base)
     manifest = copy.deepcopy(package.manifest.to_dict())
     names = [s["name"] for s in manifest["stages"]]
-    unknown = sorted((set(replacements) | set(additions)) - set(names))
+    unknown = sorted((set(replacements) | set(additions) | set(removals)) - set(names))
     if unknown:
         raise InputError(f"package {manifest['name']} has no stage(s) {', '.join(unknown)}; its stages: {', '.join(names)}")
-    states, replaced, added = {}, {}, {}
+    states, replaced, added, dropped = {}, {}, {}, {}
     for stage in manifest["stages"]:
         source = replacements.get(stage["name"])
         if source is None:
             files = []
+            drop = removals.get(stage["name"], [])
+            _check_drops(stage, drop, stage["name"] in additions)
             for w in stage["weights"]:
+                if w["file"] in drop:
+                    dropped.setdefault(stage["name"], []).append({"file": w["file"], "sha256": w.get("sha256")})
+                    continue
                 states[w["file"]] = torch.load(package.weights_path(w["file"]), map_location="cpu", weights_only=True)
                 files.append({"file": w["file"]})
             stage["weights"] = files
@@ -107,12 +122,25 @@ def compose_package(base: str, replacements: Mapping[str, Path], out: Path, name
                   "trained_on": trained_on,
                   "base": {"name": manifest["name"], "version": manifest["version"],
                            "provenance": manifest.get("provenance", {})},
-                  "replaced_stages": replaced, "added_members": added}
+                  "replaced_stages": replaced, "added_members": added, "dropped_members": dropped}
     manifest["provenance"] = provenance
     manifest["name"] = name or manifest["name"]
     manifest["version"] = version or manifest["version"]
     manifest["description"] = description or manifest["description"]
     return save_package(Path(out), manifest, states, overwrite=overwrite)
+
+
+def _check_drops(stage: Mapping, drop: Sequence[str], adding: bool) -> None:
+    """Every file to drop is one of the stage's members, none twice, and the stage keeps at least one network."""
+    have = [w["file"] for w in stage["weights"]]
+    unknown = sorted(set(drop) - set(have))
+    if unknown:
+        raise InputError(f"stage {stage['name']!r} has no member(s) {', '.join(unknown)}; its members: {', '.join(have)}")
+    if len(set(drop)) != len(drop):
+        raise InputError(f"--drop {stage['name']}: a member is named twice ({', '.join(drop)})")
+    if len(set(drop)) == len(have) and not adding:
+        raise InputError(f"--drop would leave stage {stage['name']!r} without a network; add one (--add) or replace "
+                         f"the stage (--stage)")
 
 
 def _free_name(stem: str, states: dict, package: ModelPackage) -> str:
