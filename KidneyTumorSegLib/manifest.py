@@ -40,6 +40,11 @@ are added as input channels (a cascade); ``mask_labels`` multiplies the image by
 previous result's mask of those labels (HU set to ``mask_fill_hu`` outside, after dilating
 by ``mask_dilate_mm``); ``slices_as_channels`` = k feeds a 2.5D network k adjacent slices
 (along z) as channels.
+
+Context classes: ``context_classes`` (optional, e.g. ``["liver", "spleen", "bowel"]``) names surroundings the
+network was taught to tell apart from the kidney (SynthSeg-style full labelling of the synthetic anatomy); the
+networks have one output channel per class and then one per context class, and inference adds the context
+channels' probabilities to background, so the stage's output (and every later stage) sees ``classes`` only.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ MANIFEST_NAME = "manifest.json"
 ROLES = ("localize", "segment", "overlay")
 REGION_KINDS = ("whole", "components", "fixed_box")
 RESAMPLE_BACK = ("probabilities", "labels")
+#: context classes a stage may name (each is one more output channel over every region)
+MAX_CONTEXT_CLASSES = 8
 #: a stage refines at most this many kidney regions, whatever the previous stage found
 MAX_REGIONS = 2
 #: default ``max_size_mm`` of a components region (x, y, z): the largest KiTS23 kidney component (a horseshoe kidney
@@ -253,17 +260,32 @@ class StageSpec:
     resample_back: str = "probabilities"
     tta_mirror_axes: tuple = (0, 1, 2)
     window_margin: tuple = (0, 0, 0)
+    #: surroundings the network was taught to name (e.g. liver, bowel) besides ``classes``: extra output channels
+    #: whose probabilities inference adds to background (see ``stages.predict_stage``); never labels
+    context_classes: tuple = ()
+
+    @property
+    def num_outputs(self) -> int:
+        """Output channels of the stage's networks: its classes, then its context classes."""
+        return len(self.classes) + len(self.context_classes)
 
     @classmethod
     def from_dict(cls, d: Mapping, where: str) -> "StageSpec":
         _check_keys(where, d, {"name", "role", "classes", "network", "weights", "spacing_mm", "normalization", "patch_size"},
-                    {"overlap", "batch_size", "region", "inputs", "resample_back", "tta_mirror_axes", "window_margin"})
+                    {"overlap", "batch_size", "region", "inputs", "resample_back", "tta_mirror_axes", "window_margin",
+                     "context_classes"})
         role = d["role"]
         if role not in ROLES:
             raise ValueError(f"{where}.role must be one of {ROLES}, got {role!r}")
         classes = tuple(d["classes"])
         if len(classes) < 2 or classes[0] != "background" or any(c not in LABEL_VALUES for c in classes) or len(set(classes)) != len(classes):
             raise ValueError(f"{where}.classes must start with 'background' and name distinct labels of {sorted(LABEL_VALUES)}, got {list(classes)}")
+        context = d.get("context_classes", [])
+        if (not isinstance(context, (list, tuple)) or len(context) > MAX_CONTEXT_CLASSES
+                or any(not isinstance(c, str) or not c.isidentifier() or c in LABEL_VALUES for c in context)
+                or len(set(context)) != len(context)):
+            raise ValueError(f"{where}.context_classes must be at most {MAX_CONTEXT_CLASSES} distinct names (identifiers, "
+                             f"none of the labels {sorted(LABEL_VALUES)}), got {context!r}")
         weights = d["weights"]
         if not isinstance(weights, list) or not weights:
             raise ValueError(f"{where}.weights must be a non-empty list (several files = an ensemble)")
@@ -296,7 +318,7 @@ class StageSpec:
             batch_size=_positive_int(f"{where}.batch_size", d.get("batch_size", 1)),
             region=RegionSpec.from_dict(d.get("region", {"kind": "whole"}), f"{where}.region"),
             inputs=StageInputs.from_dict(d.get("inputs", {}), f"{where}.inputs"),
-            resample_back=back, tta_mirror_axes=axes, window_margin=tuple(margin),
+            resample_back=back, tta_mirror_axes=axes, window_margin=tuple(margin), context_classes=tuple(context),
         )
 
     def to_dict(self) -> dict:
@@ -309,6 +331,8 @@ class StageSpec:
             "region": self.region.to_dict(), "inputs": self.inputs.to_dict(),
             "resample_back": self.resample_back, "tta_mirror_axes": list(self.tta_mirror_axes),
             "window_margin": list(self.window_margin),
+            # only when set, so manifests written before context classes existed read and write back unchanged
+            **({"context_classes": list(self.context_classes)} if self.context_classes else {}),
         }
 
 

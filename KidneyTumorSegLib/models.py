@@ -168,7 +168,7 @@ class ModelPackage:
         for w in stage.weights:
             try:
                 net = build_network(stage.network.name, in_channels=self.manifest.network_in_channels(stage),
-                                    num_classes=len(stage.classes), **kwargs)
+                                    num_classes=stage.num_outputs, **kwargs)
             except (ValueError, TypeError) as exc:
                 raise ModelPackageError(f"{self.root / MANIFEST_NAME}: stage {stage.name!r}: {exc}") from None
             _check_patch_fits(net, stage, self.root / MANIFEST_NAME)

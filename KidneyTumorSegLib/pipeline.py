@@ -204,7 +204,7 @@ class Segmenter:
             return previous if previous is not None else StageOutput(_empty_labels_like(image))
         canonical, _, _ = geo.canonical_axes(image.GetDirection())
         grids = [geo.grid_for_box(box, spacing, canonical) for box in boxes]
-        check_region_memory(stage.name, [g.size for g in grids], self.manifest.network_in_channels(stage), len(stage.classes))
+        check_region_memory(stage.name, [g.size for g in grids], self.manifest.network_in_channels(stage), stage.num_outputs)
         predictor = self._predictor(stage)
         source = geo.shrink_for_spacing(image, spacing)
         result: Optional[StageOutput] = None

@@ -278,7 +278,8 @@ def stage_predictor(stage: StageSpec, networks: Sequence, device, tta: bool = Fa
 
 def predict_stage(stage: StageSpec, predictor, channels: np.ndarray, device, progress=None, cancel=None,
                   notes: Optional[list] = None) -> np.ndarray:
-    """Class probabilities float32 ``[K, z, y, x]`` of ``stage`` on the grid of ``channels``.
+    """Class probabilities float32 ``[K, z, y, x]`` of ``stage`` on the grid of ``channels`` (context classes
+    folded into background, :func:`fold_context`).
 
     ``channels``: the stage's input float32 ``[C, z, y, x]`` (:func:`stage_input_channels`, or a training cache's
     copy of it); ``predictor``: :func:`stage_predictor`'s. The sliding window uses the stage's ``patch_size``,
@@ -295,7 +296,21 @@ def predict_stage(stage: StageSpec, predictor, channels: np.ndarray, device, pro
         inputs = inputs.copy()
     probs = sliding_window_inference(
         torch.from_numpy(inputs), predictor, tuple(reversed(stage.patch_size)),
-        num_outputs=len(stage.classes), overlap=stage.overlap, batch_size=stage.batch_size,
+        num_outputs=stage.num_outputs, overlap=stage.overlap, batch_size=stage.batch_size,
         margin=tuple(reversed(stage.window_margin)), pad_value=pad_value(stage), device=device,
         progress=progress, cancel=cancel, notes=notes)
-    return probs.numpy()
+    return fold_context(stage, probs.numpy())
+
+
+def fold_context(stage: StageSpec, probs: np.ndarray) -> np.ndarray:
+    """Probabilities ``[K, z, y, x]`` of ``stage``'s classes from its networks' ``[K + C, z, y, x]`` (C context
+    classes): each context class (liver, bowel, ...) is background to the output, so its probability is added to
+    background's, in place; without context classes ``probs`` is returned as it is."""
+    k = len(stage.classes)
+    if probs.shape[0] != stage.num_outputs:
+        raise ValueError(f"stage {stage.name!r}: expected {stage.num_outputs} output channels "
+                         f"({k} classes + {len(stage.context_classes)} context), got {probs.shape[0]}")
+    if not stage.context_classes:
+        return probs
+    probs[0] += probs[k:].sum(axis=0)
+    return probs[:k]

@@ -273,7 +273,7 @@ def estimate_memory_bytes(image: ImageOrInfo, manifest=None) -> int:
 
     kept, largest = 0, 0
     for stage in manifest.stages:
-        c, k = manifest.network_in_channels(stage), len(stage.classes)
+        c, k = manifest.network_in_channels(stage), stage.num_outputs
         grid_voxels, window_voxels = _stage_voxels(stage, info)
         working = grid_voxels * (24 + 8 * c + 12 * k) + window_voxels * 4 * (2 * c + 2 * k)
         if stage.role == "localize":

@@ -81,17 +81,31 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return out.squeeze(1)
 
 
+def context_labels(tissues: torch.Tensor, y: torch.Tensor, context) -> torch.Tensor:
+    """``y`` (labels ``[B, *S]``) with its background voxels whose tissue id (``tissues [B, *S]``, a synthesis
+    tissue map) is one of a context class's ids set to that class: ``context`` = ``[(class index, ids tensor)]``.
+    Kidney, tumor and cyst voxels keep their label whatever tissue they hold."""
+    ids = tissues.round().long()
+    out = y.clone()
+    background = y == 0
+    for index, members in context:
+        out[background & torch.isin(ids, members.to(ids.device))] = index
+    return out
+
+
 class Augmenter:
     """Applies a recipe's augmentation to batches (see the module text).
 
     ``spacing_xyz``: the stage's working spacing (mm, (x, y, z)); ``spatial_dims``: 3, or 2 for a
     2.5D stage; ``pad_value``: normalised air; ``image_channels``: how many leading channels are
     image (k for 2.5D); ``norm_scale``: the normalisation's scale (HU per unit); ``normalization``: the stage's
-    :class:`KidneyTumorSegLib.normalization.IntensityNormalization` (needed by ``synthesize``).
+    :class:`KidneyTumorSegLib.normalization.IntensityNormalization` (needed by ``synthesize``); ``context``:
+    ``[(class index, tissue ids)]`` of the stage's context classes (``trainer.context_targets``): background voxels
+    of those tissues in a synthesis tissue map get that class before anything else is done (needs ``synthesize``).
     """
 
     def __init__(self, spec: dict, spacing_xyz: Sequence[float], spatial_dims: int, pad_value: float,
-                 image_channels: int = 1, norm_scale: float = 1.0, normalization=None):
+                 image_channels: int = 1, norm_scale: float = 1.0, normalization=None, context=None):
         unknown = set(spec or {}) - _KEYS
         if unknown:
             raise ValueError(f"unknown augmentation key(s) {sorted(unknown)}; valid: {sorted(_KEYS)}")
@@ -110,6 +124,10 @@ class Augmenter:
                 raise ValueError("the synthesize augmentation needs the stage's normalization and one image channel")
             n = normalization
             self.synthesizer = TissueSynthesizer(dict(self.spec["synthesize"]), (n.low, n.high, n.center, n.scale))
+        self.context = [(int(c), torch.as_tensor(sorted(ids), dtype=torch.long)) for c, ids in (context or [])]
+        if self.context and self.synthesizer is None:
+            raise ValueError("context classes are labelled from a synthesis tissue map: the augmentation must "
+                             "synthesize (augmentation.synthesize)")
 
     @property
     def enabled(self) -> bool:
@@ -160,6 +178,8 @@ class Augmenter:
         el_on = p_el < float(el.get("probability", 0.0))
         spatial = rot_on | scale_on | el_on
         x, y = x.clone(), y.clone()
+        if self.context:  # the surroundings' names come from the tissue ids, before they become intensities
+            y = context_labels(x[:, 0], y, self.context)
         if self.synthesizer is not None:  # tissue ids -> CT first: interpolating ids would invent tissues
             x = self.synthesizer(x, torch.Generator().manual_seed(synth_seed))
         if bool(spatial.any()):

@@ -521,6 +521,40 @@ _register({
     "smoke": _VBNET_SMOKE,
 })
 
+# --- synth_context: domain randomisation that names the surroundings --------------------------------------
+#: what the real scans' false kidneys and lesions were: the liver over the right kidney, the colon beside the left,
+#: the spleen's mirror image of the liver
+SYNTH_CONTEXT_CLASSES = ["liver", "spleen", "bowel"]
+
+
+def _with_context(stage: dict) -> dict:
+    s = copy.deepcopy(stage)
+    s["manifest"]["context_classes"] = list(SYNTH_CONTEXT_CLASSES)
+    return s
+
+
+_register({
+    "name": "synth_context",
+    "seed": "002 (VB-Net two-stage), sized for a CPU, trained on domain-randomised synthesis that labels the "
+            "surrounding organs too (SynthSeg style)",
+    "summary": "synth_default whose networks are also taught to name the liver, spleen and bowel of the synthetic "
+               "anatomy (context classes, added to background at inference): with one background class, a "
+               "network only learns 'kidney or not', and on real CT it took the liver beside the right kidney for "
+               "tumor and the colon for kidney; naming them makes it learn what they look like.",
+    "stages": [_with_context(RECIPES["synth_default"]["stages"][0]), _with_context(RECIPES["synth_default"]["stages"][1])],
+    "postprocessing": copy.deepcopy(RECIPES["synth_default"]["postprocessing"]),
+    "reproduces": ["the two-resolution VB-Net scheme of seed 002 at CPU size",
+                   "SynthSeg's (Billot et al., MedIA 2023) segmentation of every synthetic structure, reduced to the "
+                   "organs that were mistaken for kidney"],
+    "leaves_out": list(RECIPES["synth_default"]["leaves_out"]),
+    "choices": list(RECIPES["synth_default"]["choices"]) + [
+        "context classes liver, spleen, bowel (wall, content and gas) from the tissue map; focal liver / spleen "
+        "masses stay background; loss (CE + generalized Dice) over all classes",
+        "--init-from a network without context classes: its output rows for background are copied to the context "
+        "classes with the log-share bias correction, so training starts from exactly the old predictions"],
+    "smoke": _VBNET_SMOKE,
+})
+
 #: the issue's name for the Daza recipe
 ALIASES = {"deeplab3d": "daza_deeplab"}
 SEED_RECIPES = ("liu_c2f", "resunet_vnet25d", "vbnet_multires", "two_phase_vnet", "daza_deeplab")

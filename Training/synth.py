@@ -74,6 +74,25 @@ NUM_TISSUES = 31
 _T = {t.name.lower(): int(t) for t in Tissue}
 _T.update({t.name.lower(): int(t) for t in SynthTissue})
 
+#: the surroundings a stage can be taught to name (its manifest's ``context_classes``) and their tissues; a focal
+#: mass or cyst inside an organ stays background (it is neither the organ's parenchyma nor a kidney lesion)
+CONTEXT_TISSUES = {
+    "liver": (Tissue.LIVER,),
+    "spleen": (Tissue.SPLEEN,),
+    "bowel": (Tissue.BOWEL_WALL, Tissue.BOWEL_CONTENT, Tissue.BOWEL_GAS),
+    "muscle": (Tissue.MUSCLE, SynthTissue.ARM_MUSCLE),
+    "vessels": (Tissue.AORTA, Tissue.IVC),
+    "bone": (Tissue.BONE, Tissue.CORTICAL_BONE, Tissue.DISC, SynthTissue.ARM_BONE),
+}
+
+
+def context_tissues(name: str) -> tuple:
+    """Tissue ids (ints) of context class ``name`` (one of :data:`CONTEXT_TISSUES`)."""
+    if name not in CONTEXT_TISSUES:
+        raise InputError(f"unknown context class {name!r}: a synthesis tissue map can label "
+                         f"{', '.join(sorted(CONTEXT_TISSUES))}")
+    return tuple(int(t) for t in CONTEXT_TISSUES[name])
+
 
 # ----------------------------------------------------------------------------------------------------------
 # tissue maps

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -144,7 +145,7 @@ class StageTrainer:
         torch.manual_seed(_seed_int(self.seed, 1))
         earlier = [unweighted_stage(s["phases"][-1]["manifest"], f"stage {s['name']!r}") for s in earlier_stages]
         self.in_channels = network_in_channels(final, earlier)
-        self.net = build_network(final.network.name, in_channels=self.in_channels, num_classes=len(final.classes),
+        self.net = build_network(final.network.name, in_channels=self.in_channels, num_classes=final.num_outputs,
                                  **final.network.kwargs).to(device)
         self.spatial_dims = int(getattr(self.net, "spatial_dims", 3))
         self.model = self.net
@@ -172,7 +173,8 @@ class StageTrainer:
         classes = list(spec.classes)
         self.optimizer = build_optimizer(t["optimizer"], self.net.parameters())
         self.schedule = EpochSchedule(t.get("scheduler"), float(t["optimizer"]["lr"]), int(phase["epochs"]))
-        self.loss_fn = CompositeLoss(t["loss"]["terms"], classes, t["loss"].get("outputs"))
+        # the loss sees the context classes too (the sampler and validation only the labels)
+        self.loss_fn = CompositeLoss(t["loss"]["terms"], classes + list(spec.context_classes), t["loss"].get("outputs"))
         norm = spec.normalization
         self.pad_value = pad_value(spec)
         patch_xyz = list(t["patch_size"])
@@ -183,9 +185,13 @@ class StageTrainer:
         # intensity augmentation is for the CT channels only: a cascade's prior channels are probabilities
         image_channels = spec.inputs.slices_as_channels or 1
         self.augmenter = Augmenter(t.get("augmentation") or {}, spacing, self.spatial_dims, self.pad_value,
-                                   image_channels, norm.scale, norm)
+                                   image_channels, norm.scale, norm,
+                                   context=context_targets(spec.context_classes, len(classes)))
         self.mix = None
         mix_spec = t.get("mix")
+        if mix_spec and spec.context_classes:
+            raise ValueError(f"stage {self.name!r} names context classes {list(spec.context_classes)}, which only a "
+                             "synthesis tissue map can label: it cannot mix in a source of CT images (training.mix)")
         if mix_spec:
             if self.mix_sources[p] is None:
                 raise ValueError(f"stage {self.name!r} mixes in a second training source (training.mix): give its cache "
@@ -244,12 +250,17 @@ class StageTrainer:
 
     def load_initial_weights(self, path: Path) -> None:
         """Start from another run's weights (fine-tuning): ``path`` is a state dict (``final.pt``, a ``top``
-        file) or a training checkpoint of a network with this stage's architecture."""
+        file) or a training checkpoint of a network with this stage's architecture. A network without this stage's
+        context classes fits too: its output layers grow by copies of their background row
+        (:func:`with_context_outputs`), so the new network starts out predicting exactly what the old one did."""
         from KidneyTumorSegLib.errors import InputError
 
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "model" in state and "format" in state:
             state = state["model"]
+        spec = self.specs[-1]
+        if spec.context_classes:
+            state = with_context_outputs(state, self.net.state_dict(), len(spec.classes))
         try:
             self.net.load_state_dict(state)
         except RuntimeError as exc:
@@ -405,3 +416,36 @@ class StageTrainer:
             if old not in candidates:
                 (self.out / old["file"]).unlink(missing_ok=True)
         self.top = candidates
+
+
+def context_targets(context_classes, num_classes: int) -> Optional[list]:
+    """``[(target class index, tissue ids)]`` of a stage's context classes (after its ``num_classes`` label
+    classes), for the augmenter to write into background voxels of a synthesis tissue map; None without any."""
+    if not context_classes:
+        return None
+    from .synth import context_tissues
+
+    return [(num_classes + i, context_tissues(name)) for i, name in enumerate(context_classes)]
+
+
+def with_context_outputs(state: dict, target: dict, num_classes: int) -> dict:
+    """``state`` (a network's weights with ``num_classes`` outputs) fitted to ``target``'s shapes, whose output
+    layers have context channels after them: each parameter whose first dimension is ``num_classes`` in
+    ``state`` and larger in ``target`` (the output convolutions and their biases, deep supervision heads
+    included) gets copies of its background row (index 0) appended, and the background biases lose
+    log(1 + copies): softmax then gives background and each copy a share of what background had, and as inference
+    adds the context classes back to background, the grown network predicts exactly what the old one did until
+    training moves them apart."""
+    out = {}
+    for key, value in state.items():
+        want = target.get(key)
+        if (want is not None and value.dim() >= 1 and value.shape[0] == num_classes and want.shape[0] > num_classes
+                and tuple(value.shape[1:]) == tuple(want.shape[1:])):
+            extra = want.shape[0] - num_classes
+            value = torch.cat([value, value[:1].repeat((extra,) + (1,) * (value.dim() - 1))], dim=0)
+            if value.dim() == 1:  # a bias: background's share of the probability split 1 + extra ways
+                value = value.clone()
+                value[0] -= math.log(1 + extra)
+                value[num_classes:] -= math.log(1 + extra)
+        out[key] = value
+    return out
