@@ -173,6 +173,15 @@ def test_lesions_are_kept_visible_against_the_parenchyma():
     moved = syn._visible_lesions(mu)
     assert moved[SynthTissue.TUMOR] == 160.0  # between, 90 and 80 HU away: kept
     assert moved[SynthTissue.TUMOR_B] == 225.0 and moved[SynthTissue.CYST] == 105.0  # nearest admissible values
+    # a smaller distance from the medulla alone: a lesion may share the medulla's density, never the cortex's
+    loose = TissueSynthesizer({"lesion_contrast_hu": 25.0, "medulla_contrast_hu": 0.0}, WINDOW)
+    moved = loose._visible_lesions(mu)
+    assert moved[SynthTissue.CYST] == 90.0 and moved[SynthTissue.TUMOR_B] == 225.0
+    mu2 = mu.clone()
+    mu2[SynthTissue.TUMOR] = 80.0  # iso-dense with the medulla
+    assert loose._visible_lesions(mu2)[SynthTissue.TUMOR] == 80.0 and syn._visible_lesions(mu2)[SynthTissue.TUMOR] != 80.0
+    with pytest.raises(ValueError, match="medulla_contrast_hu"):
+        TissueSynthesizer({"lesion_contrast_hu": 25.0, "medulla_contrast_hu": 40.0}, WINDOW)
 
 
 def test_validation_only_datasets_are_refused_for_training(tmp_path):

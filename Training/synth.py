@@ -455,11 +455,14 @@ class TissueSynthesizer:
     bias-field amplitude, default 30), ``lesion_contrast_hu`` (default 0: off): tumor and cyst means at least this far
     from each kidney parenchyma mean (moved to the nearest value that is, where they are closer; between a cortex and
     a medulla that differ by more than twice this is allowed) — a lesion the network is
-    taught to find must be visible, or it learns to invent lesions in homogeneous kidneys.
+    taught to find must be visible, or it learns to invent lesions in homogeneous kidneys; ``medulla_contrast_hu``
+    (default: ``lesion_contrast_hu``) is the distance kept from the medulla alone: smaller, a lesion may share the
+    medulla's density and must be told from the pyramids by its shape (rendered and real tumors do).
     ``window``: the stage normalisation's (low, high, center, scale).
     """
 
-    KEYS = {"random_probability", "phases", "random_hu", "texture_scale", "bias_hu", "lesion_contrast_hu"}
+    KEYS = {"random_probability", "phases", "random_hu", "texture_scale", "bias_hu", "lesion_contrast_hu",
+            "medulla_contrast_hu"}
 
     def __init__(self, spec: dict, window: Sequence[float]):
         unknown = set(spec) - self.KEYS
@@ -474,6 +477,10 @@ class TissueSynthesizer:
         self.texture_scale = float(spec.get("texture_scale", 1.0))
         self.bias_hu = float(spec.get("bias_hu", 30.0))
         self.lesion_contrast_hu = float(spec.get("lesion_contrast_hu", 0.0))
+        self.medulla_contrast_hu = float(spec.get("medulla_contrast_hu", self.lesion_contrast_hu))
+        if not 0.0 <= self.medulla_contrast_hu <= max(self.lesion_contrast_hu, 0.0):
+            raise ValueError("synthesize.medulla_contrast_hu must be between 0 and lesion_contrast_hu, got "
+                             f"{self.medulla_contrast_hu}")
         self.low, self.high, self.center, self.scale = (float(v) for v in window)
         self.priors = {p: _prior_table(p) for p in PHASES}
         self.amp = torch.tensor([float(_TEXTURE.get(n, 15)) for n in _NAMES]) * self.texture_scale
@@ -499,14 +506,16 @@ class TissueSynthesizer:
         if c <= 0:
             return mu
         mu = mu.clone()
-        parenchyma = (float(mu[SynthTissue.CORTEX]), float(mu[SynthTissue.MEDULLA]))
+        # (mean, the distance a lesion keeps from it) per parenchyma
+        parenchyma = ((float(mu[SynthTissue.CORTEX]), c), (float(mu[SynthTissue.MEDULLA]), self.medulla_contrast_hu))
         # each parenchyma mean excludes its own band only: a lesion between a bright cortex and a dark medulla (an
         # arterial-phase carcinoma) is visible and real, and excluding the whole span taught the network that
         # anything of intermediate density inside a kidney is kidney
-        admissible = [e for k in parenchyma for e in (k - c, k + c) if all(abs(e - j) >= c - 1e-3 for j in parenchyma)]
+        admissible = [e for k, ck in parenchyma for e in (k - ck, k + ck)
+                      if all(abs(e - j) >= cj - 1e-3 for j, cj in parenchyma)]
         for t in (SynthTissue.TUMOR, SynthTissue.TUMOR_B, SynthTissue.CYST):
             v = float(mu[t])
-            if any(abs(v - k) < c for k in parenchyma):  # too close: move to the nearest admissible value
+            if any(abs(v - k) < ck for k, ck in parenchyma):  # too close: move to the nearest admissible value
                 mu[t] = min(admissible, key=lambda e: abs(e - v))
         return mu
 
