@@ -173,22 +173,23 @@ def cmd_export(args) -> int:
 def cmd_compose(args) -> int:
     from .compose import compose_package
 
+    def split(items, option, example):
+        for item in items or []:
+            stage, sep, value = item.partition("=")
+            if not sep or not stage or not value:
+                raise InputError(f"{option} takes {example}, got {item!r}")
+            yield stage, value
+
     def pairs(items, option):
         out = {}
-        for item in items or []:
-            stage, sep, run = item.partition("=")
-            if not sep or not stage or not run:
-                raise InputError(f"{option} takes NAME=RUN (e.g. coarse=runs/s4), got {item!r}")
+        for stage, run in split(items, option, "NAME=RUN (e.g. coarse=runs/s4)"):
             if stage in out:
                 raise InputError(f"{option} {stage} given twice")
             out[stage] = Path(run)
         return out
 
-    drops: dict = {}
-    for item in args.drop or []:
-        stage, sep, file = item.partition("=")
-        if not sep or not stage or not file:
-            raise InputError(f"--drop takes NAME=FILE (e.g. coarse=coarse_run0_0.pt), got {item!r}")
+    drops: dict = {}  # several members of one stage may go
+    for stage, file in split(args.drop, "--drop", "NAME=FILE (e.g. coarse=coarse_run0_0.pt)"):
         drops.setdefault(stage, []).append(file)
     package = compose_package(args.base, pairs(args.stage, "--stage"), Path(args.out), name=args.name,
                               version=args.version, allow_unfinished=args.allow_unfinished, overwrite=args.overwrite,
