@@ -184,6 +184,29 @@ def test_lesions_are_kept_visible_against_the_parenchyma():
         TissueSynthesizer({"lesion_contrast_hu": 25.0, "medulla_contrast_hu": 40.0}, WINDOW)
 
 
+def test_an_iso_enhancing_tumor_part_is_drawn_at_the_cortex_density_when_asked():
+    from Training.synth import ISO_PART_HU
+
+    base = {"random_probability": 0.5, "lesion_contrast_hu": 25.0}
+    off, half = TissueSynthesizer(base, WINDOW), TissueSynthesizer(dict(base, iso_part_probability=0.5), WINDOW)
+    iso = 0
+    for s in range(200):
+        mu_off, _ = off.means(torch.Generator().manual_seed(s))
+        mu, _ = half.means(torch.Generator().manual_seed(s))
+        # the option changes the second tumor part only, and only by moving it to the cortex
+        rest = [t for t in range(NUM_TISSUES) if t != SynthTissue.TUMOR_B]
+        assert torch.equal(mu[rest], mu_off[rest])
+        if float(mu[SynthTissue.TUMOR_B]) != float(mu_off[SynthTissue.TUMOR_B]):
+            iso += 1
+            assert abs(float(mu[SynthTissue.TUMOR_B] - mu[SynthTissue.CORTEX])) <= ISO_PART_HU + 1e-4
+        # the first part keeps its distance from both parenchymas
+        k = mu[[SynthTissue.CORTEX, SynthTissue.MEDULLA]]
+        assert float((mu[SynthTissue.TUMOR] - k).abs().min()) >= 25.0 - 1e-3
+    assert 70 <= iso <= 130
+    with pytest.raises(ValueError, match="iso_part_probability"):
+        TissueSynthesizer(dict(base, iso_part_probability=1.5), WINDOW)
+
+
 def test_validation_only_datasets_are_refused_for_training(tmp_path):
     from KidneyTumorSegLib.errors import InputError
     from Training.dataset import VALIDATION_ONLY_MARKER
@@ -338,3 +361,29 @@ def test_organ_lesions_stay_in_their_organ_and_some_touch_the_kidney():
         touching += bool(lesion[10:20, 15:25, 16:20].any())  # in the liver right beside the kidney
     assert 3 <= painted < 12  # in some maps only
     assert touching >= 1  # the case that matters: a liver mass against the kidney
+
+
+def test_a_pelvis_lies_below_the_kidneys_with_muscle_inside_its_wings():
+    from Training.phantom_anatomy import BodyFrame
+    from Training.synth import _pelvis
+
+    # a tall grid: body around a spine only (no labels needed), kidneys' level at z = 0
+    grid = Grid((90, 70, 80), (4.0, 4.0, 4.0), (-180.0, -140.0, -280.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    frame = BodyFrame(0.0, 0.0, 0.0, 1.0)
+    x, y, z = (c.ravel() for c in grid.axis_coords())
+    T = np.full(grid.shape, Tissue.FAT, np.int8)
+    T[:, (np.abs(y) < 16)[:, None] & (np.abs(x) < 20)[None]] = Tissue.BONE  # vertebral bodies on the midline
+    before = T.copy()
+    _pelvis(T, grid, frame, np.random.default_rng(0))
+    changed = (T != before).any(axis=(1, 2))
+    assert changed.any() and z[changed].max() <= -80.0  # nothing at or above the crest (80-130 mm below the kidneys)
+    lateral = np.abs(x)[None, None, :] > 40.0
+    wing = np.isin(T, (Tissue.BONE, Tissue.CORTICAL_BONE)) & lateral
+    assert wing.any(axis=(1, 2))[changed].mean() > 0.9  # bone beside the spine at the pelvic levels
+    # muscle on both faces of each wing: the iliacus inside, the gluteal muscles outside, left and right
+    k = int(np.flatnonzero(changed)[len(np.flatnonzero(changed)) // 2])
+    for side in (1, -1):
+        row = T[k][:, (side * x > 40.0)]
+        assert (row == Tissue.MUSCLE).sum() > 20 and (row == Tissue.CORTICAL_BONE).sum() > 5
+    # only fat, muscle and bowel are painted over (here: the spine's bone stays bone)
+    assert (T[before == Tissue.BONE] != Tissue.FAT).all()

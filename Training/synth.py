@@ -10,7 +10,8 @@ every training patch, so that no intensity, contrast, texture or resolution can 
    the sinus in most maps), renal sinus fat, collecting system and hilar vessels, its tumors into two enhancement
    compartments, necrosis and calcification, cysts kept, and the abdomen around them from
    :func:`Training.phantom_anatomy.body_tissues` (liver, spleen, bowel with gas and contrast, psoas, spine, ribs,
-   aorta / IVC, fat, lung bases, heart), with focal masses and cysts in the liver and spleen (sometimes against a
+   aorta / IVC, fat, lung bases, heart) and a pelvis below it (:func:`_pelvis`: iliac wings, iliacus, gluteal
+   muscles, sacrum), with focal masses and cysts in the liver and spleen (sometimes against a
    kidney), renal vessels from each hilum to the aorta / IVC, a scanner table under the patient and, sometimes, arms
    beside the body. Stored as int8
    tissue ids in the usual cache layout (:mod:`Training.preprocess`), so sampling, folds and training are unchanged.
@@ -245,6 +246,50 @@ def _table_and_arms(T: np.ndarray, grid: Grid, frame, rng: np.random.Generator) 
             T[np.broadcast_to(bone, T.shape) & free] = SynthTissue.ARM_BONE
 
 
+def _pelvis(T: np.ndarray, grid: Grid, frame, rng: np.random.Generator) -> None:
+    """Paint a pelvis into ``T`` below the iliac crests (80-130 mm below the kidneys' mean level at adult scale): per
+    side an iliac wing (a 5-9 mm bone plate, cortical shell and marrow, curving from the sacrum laterally and
+    forwards, concave towards the abdomen), the iliacus muscle lining its inner face, the gluteal muscles its outer
+    face, and from 15-40 mm below the crests a sacrum between the wings. Only fat, muscle and bowel are painted over.
+
+    Real abdominal CT, and the KiTS grids these maps are made on, reach into the pelvis; without one here the body
+    below the kidneys is fat and bowel only, and a network that never saw an iliac wing calls the muscle inside its
+    curve kidney (the validation generator's case 400, both coarse stages trained with context classes,
+    2026-12-02)."""
+    s, u = frame.scale, rng.uniform
+    crest, height = -u(80, 130), u(90, 140)
+    cx, cy, a, b = u(35, 50), u(5, 25), u(50, 70), u(45, 65)
+    plate, iliacus, gluteal = u(5, 9), u(12, 28), u(20, 45)
+    th_back, th_front = np.radians(u(100, 120)), -np.radians(u(40, 70))
+    sacrum_from, sacrum_a, sacrum_b = u(15, 40), u(38, 50), u(15, 22)
+    x, y, z = grid.axis_coords()
+    X, Y, Z = (x[0] - frame.x) / s, (y[0] - frame.y) / s, (z[:, 0, 0] - frame.z) / s  # (1, nx), (ny, 1), (nz,)
+    levels = np.flatnonzero((Z <= crest) & (Z >= crest - height))
+    bone = np.isin(T, (Tissue.BONE, Tissue.CORTICAL_BONE)) & (np.abs(X) < 25.0)[None]
+    if not levels.size or not bone.any():
+        return
+    spine_y = float(np.median(np.broadcast_to(Y[None], T.shape)[bone]))  # vertebral bodies: where the sacrum goes
+    soft = (Tissue.FAT, Tissue.MUSCLE, Tissue.BOWEL_WALL, Tissue.BOWEL_CONTENT, Tissue.BOWEL_GAS)
+    for k in levels:
+        below = float(crest - Z[k])
+        f = 0.8 + 0.2 * min(below / 30.0, 1.0)  # the wings flare out below the crest
+        sl = T[k]
+        free = np.isin(sl, soft)
+        for side in (1.0, -1.0):
+            p, q = (side * X - cx) / (a * f), (Y - (spine_y - cy)) / (b * f)
+            arc = np.arctan2(q, p)
+            arc = (arc <= th_back) & (arc >= th_front)
+            mm = (np.sqrt(p ** 2 + q ** 2) - 1.0) * min(a, b) * f  # about mm outwards from the plate's middle
+            sl[arc & free & (mm > plate / 2) & (mm <= plate / 2 + gluteal)] = Tissue.MUSCLE
+            sl[arc & free & (mm < -plate / 2) & (mm >= -plate / 2 - iliacus)] = Tissue.MUSCLE
+            sl[arc & (np.abs(mm) <= plate / 2) & (sl != Tissue.AIR)] = Tissue.CORTICAL_BONE
+            sl[arc & (np.abs(mm) <= plate / 2 - 2.0) & (sl != Tissue.AIR)] = Tissue.BONE
+        if below >= sacrum_from:
+            sacrum = ((X / sacrum_a) ** 2 + ((Y - spine_y - 5.0) / sacrum_b) ** 2 <= 1.0) & (sl != Tissue.AIR)
+            sl[sacrum] = Tissue.CORTICAL_BONE
+            sl[sacrum & ((X / (sacrum_a - 2.5)) ** 2 + ((Y - spine_y - 5.0) / (sacrum_b - 2.5)) ** 2 <= 1.0)] = Tissue.BONE
+
+
 def _organ_lesions(T: np.ndarray, fg: np.ndarray, grid: Grid, frame, rng: np.random.Generator) -> None:
     """Focal masses and cysts in the liver and spleen (background to the network), in 60 % of maps: 1-5 roughened
     ellipsoids of 4-35 mm radius, half of the time one of them centred on the organ's border with a kidney (``fg``).
@@ -277,6 +322,7 @@ def tissue_map(labels: np.ndarray, grid: Grid, frame, rng: np.random.Generator) 
     """Tissue ids (int8, array (z, y, x)) for ``labels`` (uint8 KiTS labels on ``grid``, an identity-direction grid
     in LPS mm) with the body of ``frame`` around them (see the module text)."""
     T = body_tissues(grid, frame, rng).astype(np.int8)
+    _pelvis(T, grid, frame, rng)
     fg = labels > 0
     _organ_lesions(T, fg, grid, frame, rng)
     T[fg] = Tissue.FAT  # what the labels do not cover inside their box stays fat
@@ -446,6 +492,10 @@ def _prior_table(phase: str) -> torch.Tensor:
     return table
 
 
+#: largest distance (HU) of an iso-enhancing tumor part from its cortex (``iso_part_probability``)
+ISO_PART_HU = 15.0
+
+
 class TissueSynthesizer:
     """Maps tissue-id patches ``x [B, 1, *S]`` to normalised CT patches (see the module text).
 
@@ -457,12 +507,16 @@ class TissueSynthesizer:
     a medulla that differ by more than twice this is allowed) — a lesion the network is
     taught to find must be visible, or it learns to invent lesions in homogeneous kidneys; ``medulla_contrast_hu``
     (default: ``lesion_contrast_hu``) is the distance kept from the medulla alone: smaller, a lesion may share the
-    medulla's density and must be told from the pyramids by its shape (rendered and real tumors do).
+    medulla's density and must be told from the pyramids by its shape (rendered and real tumors do);
+    ``iso_part_probability`` (default 0: off) is the chance that a patch's second tumor part takes its cortex's
+    density (within ``ISO_PART_HU``) after that rule: clear-cell carcinomas enhance like cortex in parts, and a
+    network never shown such a part calls it kidney and keeps only the tumor's dark core (measured on rendered
+    phantoms, 2026-12-02); the first part stays visible, so the tumor is still there to be found.
     ``window``: the stage normalisation's (low, high, center, scale).
     """
 
     KEYS = {"random_probability", "phases", "random_hu", "texture_scale", "bias_hu", "lesion_contrast_hu",
-            "medulla_contrast_hu"}
+            "medulla_contrast_hu", "iso_part_probability"}
 
     def __init__(self, spec: dict, window: Sequence[float]):
         unknown = set(spec) - self.KEYS
@@ -481,6 +535,9 @@ class TissueSynthesizer:
         if not 0.0 <= self.medulla_contrast_hu <= max(self.lesion_contrast_hu, 0.0):
             raise ValueError("synthesize.medulla_contrast_hu must be between 0 and lesion_contrast_hu, got "
                              f"{self.medulla_contrast_hu}")
+        self.iso_part_probability = float(spec.get("iso_part_probability", 0.0))
+        if not 0.0 <= self.iso_part_probability <= 1.0:
+            raise ValueError(f"synthesize.iso_part_probability must be in [0, 1], got {self.iso_part_probability}")
         self.low, self.high, self.center, self.scale = (float(v) for v in window)
         self.priors = {p: _prior_table(p) for p in PHASES}
         self.amp = torch.tensor([float(_TEXTURE.get(n, 15)) for n in _NAMES]) * self.texture_scale
@@ -495,11 +552,20 @@ class TissueSynthesizer:
             dark = self.priors["venous"][:, 0] + (self.priors["venous"][:, 1] - self.priors["venous"][:, 0]) * torch.rand(
                 NUM_TISSUES, generator=generator)
             mu = torch.where(self.dark, dark, mu)
-            return self._visible_lesions(mu), "random"
+            return self._iso_part(self._visible_lesions(mu), float(r[2]), generator), "random"
         phase = self.phases[min(int(float(r[1]) * len(self.phases)), len(self.phases) - 1)]
         t = self.priors[phase]
         mu = t[:, 0] + (t[:, 1] - t[:, 0]) * torch.rand(NUM_TISSUES, generator=generator)
-        return self._visible_lesions(mu), phase
+        return self._iso_part(self._visible_lesions(mu), float(r[2]), generator), phase
+
+    def _iso_part(self, mu: torch.Tensor, draw: float, generator: torch.Generator) -> torch.Tensor:
+        # draws from the generator only when the option is on, so recipes without it keep their exact streams
+        if draw >= self.iso_part_probability:
+            return mu
+        mu = mu.clone()
+        offset = (2.0 * float(torch.rand(1, generator=generator)) - 1.0) * ISO_PART_HU
+        mu[SynthTissue.TUMOR_B] = mu[SynthTissue.CORTEX] + offset
+        return mu
 
     def _visible_lesions(self, mu: torch.Tensor) -> torch.Tensor:
         c = self.lesion_contrast_hu
