@@ -387,3 +387,29 @@ def test_a_pelvis_lies_below_the_kidneys_with_muscle_inside_its_wings():
         assert (row == Tissue.MUSCLE).sum() > 20 and (row == Tissue.CORTICAL_BONE).sum() > 5
     # only fat, muscle and bowel are painted over (here: the spine's bone stays bone)
     assert (T[before == Tissue.BONE] != Tissue.FAT).all()
+
+
+def test_a_stomach_lies_left_and_anterior_and_a_gallbladder_under_the_liver():
+    from Training.phantom_anatomy import BodyFrame
+    from Training.synth import _stomach_and_gallbladder
+
+    grid = Grid((100, 90, 80), (4.0, 4.0, 4.0), (-200.0, -180.0, -160.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    x, y, z = (c.ravel() for c in grid.axis_coords())
+    stomachs, gallbladders = 0, 0
+    for seed in range(6):
+        T = np.full(grid.shape, Tissue.FAT, np.int8)
+        T[:, :, x < -60] = Tissue.LIVER
+        _stomach_and_gallbladder(T, grid, BodyFrame(0.0, 0.0, 0.0, 1.0), np.random.default_rng(seed))
+        sac = np.isin(T, (Tissue.BOWEL_WALL, Tissue.BOWEL_CONTENT, Tissue.BOWEL_GAS))
+        k, j, i = np.nonzero(sac)
+        # patient left (LPS +x), anterior (-y), not below the kidneys, a fluid-filled sac inside a wall
+        assert x[i].mean() > 15 and y[j].mean() < -20 and np.median(z[k]) > -30
+        assert 80 <= sac.sum() * 64 / 1000 <= 1500 and (T == Tissue.BOWEL_CONTENT).sum() > (T == Tissue.BOWEL_WALL).sum() / 4
+        assert not (sac & (np.arange(grid.shape[2]) * 4.0 - 200.0 < -60)[None, None]).any()  # the liver stays liver
+        stomachs += 1
+        gb = T == SynthTissue.ORGAN_CYST
+        if gb.any():
+            gallbladders += 1
+            k, j, i = np.nonzero(gb)
+            assert x[i].mean() < -20 and y[j].mean() < 0  # right, anterior
+    assert stomachs == 6 and 2 <= gallbladders <= 6

@@ -10,8 +10,8 @@ every training patch, so that no intensity, contrast, texture or resolution can 
    the sinus in most maps), renal sinus fat, collecting system and hilar vessels, its tumors into two enhancement
    compartments, necrosis and calcification, cysts kept, and the abdomen around them from
    :func:`Training.phantom_anatomy.body_tissues` (liver, spleen, bowel with gas and contrast, psoas, spine, ribs,
-   aorta / IVC, fat, lung bases, heart) and a pelvis below it (:func:`_pelvis`: iliac wings, iliacus, gluteal
-   muscles, sacrum), with focal masses and cysts in the liver and spleen (sometimes against a
+   aorta / IVC, fat, lung bases, heart), a stomach and a gallbladder (:func:`_stomach_and_gallbladder`) and a pelvis
+   below it (:func:`_pelvis`: iliac wings, iliacus, gluteal muscles, sacrum), with focal masses and cysts in the liver and spleen (sometimes against a
    kidney), renal vessels from each hilum to the aorta / IVC, a scanner table under the patient and, sometimes, arms
    beside the body. Stored as int8
    tissue ids in the usual cache layout (:mod:`Training.preprocess`), so sampling, folds and training are unchanged.
@@ -290,6 +290,45 @@ def _pelvis(T: np.ndarray, grid: Grid, frame, rng: np.random.Generator) -> None:
             sl[sacrum & ((X / (sacrum_a - 2.5)) ** 2 + ((Y - spine_y - 5.0) / (sacrum_b - 2.5)) ** 2 <= 1.0)] = Tissue.BONE
 
 
+def _stomach_and_gallbladder(T: np.ndarray, grid: Grid, frame, rng: np.random.Generator) -> None:
+    """Paint a stomach and, in 70 % of maps, a gallbladder into ``T`` (adult mm around the kidneys' mean position,
+    scaled by ``frame.scale``). The stomach: a sac in the left upper quadrant anterior of the spleen and the left
+    kidney, its long axis running down and towards the midline, a 3-6 mm wall (bowel wall) around fluid or food
+    (bowel content) and, in 70 % of maps, gas above an air-fluid level (anterior: the patient is supine); it is
+    bowel to a network that names the bowel. The gallbladder: a fluid-filled ellipsoid under the liver, anterior
+    of the right kidney (fluid like an organ cyst; background). Both go over fat, bowel and muscle only; the
+    stomach also yields to the liver and spleen, the gallbladder lies in the liver's fossa.
+
+    Real CT has both beside the kidneys; without them a network meets a round fluid-filled organ next to the left
+    kidney for the first time in a patient and calls it kidney or tumor (the validation generator's case 401, a
+    coarse stage trained on these maps without a stomach, 2026-12-02)."""
+    s, u = frame.scale, rng.uniform
+    x, y, z = grid.axis_coords()
+    X, Y, Z = (x - frame.x) / s, (y - frame.y) / s, (z - frame.z) / s
+    size = u(0.6, 1.2)
+    top, a, b, c = u(60, 110), u(35, 60) * size, u(25, 45) * size, u(50, 90) * size
+    x0, y0, slope = u(35, 60), -u(35, 60), u(0.3, 0.8)
+    wall, gas, level = u(3, 6), rng.random() < 0.7, u(0.2, 0.6)
+    zc = top - c
+    cx = x0 - slope * np.maximum(zc - Z, 0.0)  # the antrum turns towards the midline below the body of the stomach
+    q = ((X - cx) / a) ** 2 + ((Y - y0) / b) ** 2 + ((Z - zc) / c) ** 2
+    rough = smooth_noise(grid, max(6.0 * s, min(grid.spacing)), rng)
+    sac = q + 0.1 * rough <= 1.0
+    if sac.any():
+        free = np.isin(T, (Tissue.FAT, Tissue.MUSCLE, Tissue.BOWEL_WALL, Tissue.BOWEL_CONTENT, Tissue.BOWEL_GAS))
+        inner = (np.sqrt(np.maximum(q, 0.0)) + 0.1 * rough) * min(a, b) <= min(a, b) - wall
+        T[sac & free] = Tissue.BOWEL_WALL
+        T[sac & inner & free] = Tissue.BOWEL_CONTENT
+        if gas:
+            T[sac & inner & free & (Y < y0 - b + 2.0 * level * b)] = Tissue.BOWEL_GAS
+    if rng.random() < 0.7:
+        gx, gy, gz = -u(40, 70), -u(25, 55), u(5, 40)
+        ga, gb, gc = u(12, 20), u(12, 20), u(25, 45)
+        gb_mask = ((X - gx) / ga) ** 2 + ((Y - gy) / gb) ** 2 + ((Z - gz) / gc) ** 2 <= 1.0
+        T[gb_mask & np.isin(T, (Tissue.FAT, Tissue.MUSCLE, Tissue.BOWEL_WALL, Tissue.BOWEL_CONTENT, Tissue.BOWEL_GAS,
+                                Tissue.LIVER))] = SynthTissue.ORGAN_CYST
+
+
 def _organ_lesions(T: np.ndarray, fg: np.ndarray, grid: Grid, frame, rng: np.random.Generator) -> None:
     """Focal masses and cysts in the liver and spleen (background to the network), in 60 % of maps: 1-5 roughened
     ellipsoids of 4-35 mm radius, half of the time one of them centred on the organ's border with a kidney (``fg``).
@@ -323,6 +362,7 @@ def tissue_map(labels: np.ndarray, grid: Grid, frame, rng: np.random.Generator) 
     in LPS mm) with the body of ``frame`` around them (see the module text)."""
     T = body_tissues(grid, frame, rng).astype(np.int8)
     _pelvis(T, grid, frame, rng)
+    _stomach_and_gallbladder(T, grid, frame, rng)
     fg = labels > 0
     _organ_lesions(T, fg, grid, frame, rng)
     T[fg] = Tissue.FAT  # what the labels do not cover inside their box stays fat
