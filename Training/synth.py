@@ -331,11 +331,13 @@ def _stomach_and_gallbladder(T: np.ndarray, grid: Grid, frame, rng: np.random.Ge
 
 def _organ_lesions(T: np.ndarray, fg: np.ndarray, grid: Grid, frame, rng: np.random.Generator) -> None:
     """Focal masses and cysts in the liver and spleen (background to the network), in 60 % of maps: 1-5 roughened
-    ellipsoids of 4-35 mm radius, half of the time one of them centred on the organ's border with a kidney (``fg``).
+    ellipsoids of 4-70 mm radius (log-uniform: most are small, some are the 10-14 cm masses of real livers), half of
+    the time one of them centred on the organ's border with a kidney (``fg``).
 
     Incidental liver cysts, haemangiomas and metastases are common in abdominal CT; a network that never saw a mass
     outside the kidney calls the first one beside a kidney renal tumor (a hypodense liver mass over the right
-    kidney's upper pole of a real venous-phase CT, 183 mL of it, 2026-12-02)."""
+    kidney's upper pole of a real venous-phase CT, 183 mL of it, 2026-12-02; with masses of at most 35 mm radius the
+    coarse stage still took a hypodense liver mass larger than that, over the same kidney, for kidney)."""
     if rng.random() >= 0.6:
         return
     s = frame.scale
@@ -350,7 +352,7 @@ def _organ_lesions(T: np.ndarray, fg: np.ndarray, grid: Grid, frame, rng: np.ran
         idx = np.flatnonzero(pool)
         k = np.unravel_index(int(idx[rng.integers(len(idx))]), T.shape)
         c = (float(x[0, 0, k[2]]), float(y[0, k[1], 0]), float(z[k[0], 0, 0]))
-        r = rng.uniform(4.0, 35.0) * s * rng.uniform(0.75, 1.25, 3)
+        r = float(np.exp(rng.uniform(np.log(4.0), np.log(70.0)))) * s * rng.uniform(0.75, 1.25, 3)
         q = ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2
         tissue = SynthTissue.ORGAN_CYST if rng.random() < 0.35 else SynthTissue.ORGAN_LESION
         # a mass grows within its organ but may bulge a little beyond it; it never covers bone, air or the kidney
