@@ -385,7 +385,7 @@ def test_a_pelvis_lies_below_the_kidneys_with_muscle_inside_its_wings():
     for side in (1, -1):
         row = T[k][:, (side * x > 40.0)]
         assert (row == Tissue.MUSCLE).sum() > 20 and (row == Tissue.CORTICAL_BONE).sum() > 5
-    # only fat, muscle and bowel are painted over (here: the spine's bone stays bone)
+    # bone stays bone (the sacrum paints bone over the lumbar spine)
     assert (T[before == Tissue.BONE] != Tissue.FAT).all()
 
 

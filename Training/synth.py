@@ -11,8 +11,8 @@ every training patch, so that no intensity, contrast, texture or resolution can 
    compartments, necrosis and calcification, cysts kept, and the abdomen around them from
    :func:`Training.phantom_anatomy.body_tissues` (liver, spleen, bowel with gas and contrast, psoas, spine, ribs,
    aorta / IVC, fat, lung bases, heart), a stomach and a gallbladder (:func:`_stomach_and_gallbladder`) and a pelvis
-   below it (:func:`_pelvis`: iliac wings, iliacus, gluteal muscles, sacrum), with focal masses and cysts in the liver and spleen (sometimes against a
-   kidney), renal vessels from each hilum to the aorta / IVC, a scanner table under the patient and, sometimes, arms
+   below it (:func:`_pelvis`: iliac wings, iliacus, gluteal muscles, sacrum), with focal masses and cysts in the
+   liver and spleen (sometimes against a kidney), renal vessels from each hilum to the aorta / IVC, a scanner table under the patient and, sometimes, arms
    beside the body. Stored as int8
    tissue ids in the usual cache layout (:mod:`Training.preprocess`), so sampling, folds and training are unchanged.
 2. **Intensities on the fly** (:class:`TissueSynthesizer`, the ``synthesize`` augmentation key, run first on every
@@ -250,7 +250,8 @@ def _pelvis(T: np.ndarray, grid: Grid, frame, rng: np.random.Generator) -> None:
     """Paint a pelvis into ``T`` below the iliac crests (80-130 mm below the kidneys' mean level at adult scale): per
     side an iliac wing (a 5-9 mm bone plate, cortical shell and marrow, curving from the sacrum laterally and
     forwards, concave towards the abdomen), the iliacus muscle lining its inner face, the gluteal muscles its outer
-    face, and from 15-40 mm below the crests a sacrum between the wings. Only fat, muscle and bowel are painted over.
+    face, and from 15-40 mm below the crests a sacrum between the wings. The muscles go over fat, muscle and bowel
+    only; bone goes over anything but air (where a wing crosses a vessel, the bone wins: rare, and both are real).
 
     Real abdominal CT, and the KiTS grids these maps are made on, reach into the pelvis; without one here the body
     below the kidneys is fat and bowel only, and a network that never saw an iliac wing calls the muscle inside its
@@ -300,8 +301,8 @@ def _stomach_and_gallbladder(T: np.ndarray, grid: Grid, frame, rng: np.random.Ge
     stomach also yields to the liver and spleen, the gallbladder lies in the liver's fossa.
 
     Real CT has both beside the kidneys; without them a network meets a round fluid-filled organ next to the left
-    kidney for the first time in a patient and calls it kidney or tumor (the validation generator's case 401, a
-    coarse stage trained on these maps without a stomach, 2026-12-02)."""
+    kidney for the first time in a patient and calls it kidney or tumor (the validation generator's case 401: networks
+    trained on these maps without a stomach took its stomach for the left kidney and its tumor, 2026-12-02)."""
     s, u = frame.scale, rng.uniform
     x, y, z = grid.axis_coords()
     X, Y, Z = (x - frame.x) / s, (y - frame.y) / s, (z - frame.z) / s
