@@ -13,7 +13,8 @@ every training patch, so that no intensity, contrast, texture or resolution can 
    aorta / IVC, fat, lung bases, heart), a stomach and a gallbladder (:func:`_stomach_and_gallbladder`) and a pelvis
    below it (:func:`_pelvis`: iliac wings, iliacus, gluteal muscles, sacrum), with focal masses and cysts in the
    liver and spleen (sometimes against a kidney), renal vessels from each hilum to the aorta / IVC, a scanner table
-   under the patient and, sometimes, arms beside the body. Stored as int8 tissue ids in the usual cache layout (:mod:`Training.preprocess`), so sampling, folds and training are unchanged.
+   under the patient and, sometimes, arms beside the body. Stored as int8 tissue ids in the usual cache layout
+   (:mod:`Training.preprocess`), so sampling, folds and training are unchanged.
 2. **Intensities on the fly** (:class:`TissueSynthesizer`, the ``synthesize`` augmentation key, run first on every
    batch): each tissue's mean HU, spread and texture are drawn per patch, either from a contrast phase's broad
    physiological priors (unenhanced, arterial / corticomedullary, portal-venous / nephrographic, delayed /
