@@ -395,7 +395,7 @@ def test_a_stomach_lies_left_and_anterior_and_a_gallbladder_under_the_liver():
 
     grid = Grid((100, 90, 80), (4.0, 4.0, 4.0), (-200.0, -180.0, -160.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     x, y, z = (c.ravel() for c in grid.axis_coords())
-    stomachs, gallbladders = 0, 0
+    gallbladders = 0
     for seed in range(6):
         T = np.full(grid.shape, Tissue.FAT, np.int8)
         T[:, :, x < -60] = Tissue.LIVER
@@ -404,12 +404,12 @@ def test_a_stomach_lies_left_and_anterior_and_a_gallbladder_under_the_liver():
         k, j, i = np.nonzero(sac)
         # patient left (LPS +x), anterior (-y), not below the kidneys, a fluid-filled sac inside a wall
         assert x[i].mean() > 15 and y[j].mean() < -20 and np.median(z[k]) > -30
-        assert 80 <= sac.sum() * 64 / 1000 <= 1500 and (T == Tissue.BOWEL_CONTENT).sum() > (T == Tissue.BOWEL_WALL).sum() / 4
-        assert not (sac & (np.arange(grid.shape[2]) * 4.0 - 200.0 < -60)[None, None]).any()  # the liver stays liver
-        stomachs += 1
+        assert 80 <= sac.sum() * 64 / 1000 <= 1500
+        assert (T == Tissue.BOWEL_CONTENT).sum() > (T == Tissue.BOWEL_WALL).sum() / 4
+        assert not (sac & (x < -60)[None, None]).any()  # the liver stays liver
         gb = T == SynthTissue.ORGAN_CYST
         if gb.any():
             gallbladders += 1
             k, j, i = np.nonzero(gb)
             assert x[i].mean() < -20 and y[j].mean() < 0  # right, anterior
-    assert stomachs == 6 and 2 <= gallbladders <= 6
+    assert 2 <= gallbladders <= 5  # in some maps only (70 %)
