@@ -246,6 +246,10 @@ def _table_and_arms(T: np.ndarray, grid: Grid, frame, rng: np.random.Generator) 
             T[np.broadcast_to(bone, T.shape) & free] = SynthTissue.ARM_BONE
 
 
+#: what an organ added to the body map may push aside: fat, muscle and bowel (never bone, vessels or organs)
+_DISPLACEABLE = (Tissue.FAT, Tissue.MUSCLE, Tissue.BOWEL_WALL, Tissue.BOWEL_CONTENT, Tissue.BOWEL_GAS)
+
+
 def _pelvis(T: np.ndarray, grid: Grid, frame, rng: np.random.Generator) -> None:
     """Paint a pelvis into ``T`` below the iliac crests (80-130 mm below the kidneys' mean level at adult scale): per
     side an iliac wing (a 5-9 mm bone plate, cortical shell and marrow, curving from the sacrum laterally and
@@ -270,12 +274,11 @@ def _pelvis(T: np.ndarray, grid: Grid, frame, rng: np.random.Generator) -> None:
     if not levels.size or not bone.any():
         return
     spine_y = float(np.median(np.broadcast_to(Y[None], T.shape)[bone]))  # vertebral bodies: where the sacrum goes
-    soft = (Tissue.FAT, Tissue.MUSCLE, Tissue.BOWEL_WALL, Tissue.BOWEL_CONTENT, Tissue.BOWEL_GAS)
     for k in levels:
         below = float(crest - Z[k])
         f = 0.8 + 0.2 * min(below / 30.0, 1.0)  # the wings flare out below the crest
         sl = T[k]
-        free = np.isin(sl, soft)
+        free = np.isin(sl, _DISPLACEABLE)
         for side in (1.0, -1.0):
             p, q = (side * X - cx) / (a * f), (Y - (spine_y - cy)) / (b * f)
             arc = np.arctan2(q, p)
@@ -316,7 +319,7 @@ def _stomach_and_gallbladder(T: np.ndarray, grid: Grid, frame, rng: np.random.Ge
     rough = smooth_noise(grid, max(6.0 * s, min(grid.spacing)), rng)
     sac = q + 0.1 * rough <= 1.0
     if sac.any():
-        free = np.isin(T, (Tissue.FAT, Tissue.MUSCLE, Tissue.BOWEL_WALL, Tissue.BOWEL_CONTENT, Tissue.BOWEL_GAS))
+        free = np.isin(T, _DISPLACEABLE)
         inner = (np.sqrt(np.maximum(q, 0.0)) + 0.1 * rough) * min(a, b) <= min(a, b) - wall
         T[sac & free] = Tissue.BOWEL_WALL
         T[sac & inner & free] = Tissue.BOWEL_CONTENT
@@ -326,8 +329,7 @@ def _stomach_and_gallbladder(T: np.ndarray, grid: Grid, frame, rng: np.random.Ge
         gx, gy, gz = -u(40, 70), -u(25, 55), u(5, 40)
         ga, gb, gc = u(12, 20), u(12, 20), u(25, 45)
         gb_mask = ((X - gx) / ga) ** 2 + ((Y - gy) / gb) ** 2 + ((Z - gz) / gc) ** 2 <= 1.0
-        T[gb_mask & np.isin(T, (Tissue.FAT, Tissue.MUSCLE, Tissue.BOWEL_WALL, Tissue.BOWEL_CONTENT, Tissue.BOWEL_GAS,
-                                Tissue.LIVER))] = SynthTissue.ORGAN_CYST
+        T[gb_mask & np.isin(T, _DISPLACEABLE + (Tissue.LIVER,))] = SynthTissue.ORGAN_CYST
 
 
 def _organ_lesions(T: np.ndarray, fg: np.ndarray, grid: Grid, frame, rng: np.random.Generator) -> None:
