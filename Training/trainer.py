@@ -252,15 +252,19 @@ class StageTrainer:
         """Start from another run's weights (fine-tuning): ``path`` is a state dict (``final.pt``, a ``top``
         file) or a training checkpoint of a network with this stage's architecture. A network without this stage's
         context classes fits too: its output layers grow by copies of their background row
-        (:func:`with_context_outputs`), so the new network starts out predicting exactly what the old one did."""
+        (:func:`with_context_outputs`), so the new network starts out predicting exactly what the old one did. A
+        batch-norm network fits an instance-norm one of the same shape: its running statistics are dropped
+        (:func:`without_batch_statistics`)."""
         from KidneyTumorSegLib.errors import InputError
 
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "model" in state and "format" in state:
             state = state["model"]
         spec = self.specs[-1]
+        target = self.net.state_dict()
         if spec.context_classes:
-            state = with_context_outputs(state, self.net.state_dict(), len(spec.classes))
+            state = with_context_outputs(state, target, len(spec.classes))
+        state = without_batch_statistics(state, target)
         try:
             self.net.load_state_dict(state)
         except RuntimeError as exc:
@@ -449,3 +453,14 @@ def with_context_outputs(state: dict, target: dict, num_classes: int) -> dict:
                 value[num_classes:] -= math.log(1 + extra)
         out[key] = value
     return out
+
+
+_BATCH_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def without_batch_statistics(state: dict, target: dict) -> dict:
+    """``state`` without the batch-norm running statistics that ``target`` has no place for: the weights of a
+    batch-norm network for the same network with instance norm (affine), which normalises every patch by its own
+    statistics. The convolutions and the norms' learnt scale and shift carry over; any other mismatch is left for
+    ``load_state_dict`` to report."""
+    return {k: v for k, v in state.items() if k in target or k.rsplit(".", 1)[-1] not in _BATCH_STATISTICS}
