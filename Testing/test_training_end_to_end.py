@@ -289,6 +289,23 @@ def test_fine_tuning_starts_from_another_runs_weights_and_a_time_budget_stops_ea
         train_run("phantom_default", prepared / "cache", prepared / "run_init2", smoke=True, init_from=prepared / "data")
 
 
+def test_fine_tuning_from_batch_norm_into_instance_norm_keeps_the_learnt_weights(trained, prepared):
+    run_a, _ = trained
+    out = prepared / "run_init_instance"
+    train_run("phantom_default", prepared / "cache", out, smoke=True, init_from=run_a, stages=["coarse"],
+              overrides=["coarse.manifest.network.kwargs.norm=instance"], max_minutes=0.0)
+    start = torch.load(run_a / "coarse" / "final.pt", map_location="cpu", weights_only=True)
+    after = _checkpoint(out, "coarse")["model"]
+    assert any(k.endswith("running_mean") for k in start) and not any(k.endswith("running_mean") for k in after)
+    # one epoch from run_a's weights: every learnt parameter is there, moved a little, not re-initialised
+    assert set(after) == {k for k in start if k.rsplit(".", 1)[-1] not in ("running_mean", "running_var",
+                                                                            "num_batches_tracked")}
+    for key, value in after.items():
+        assert value.shape == start[key].shape
+    conv = next(k for k in after if k.endswith("weight") and after[k].dim() == 5)
+    assert 0 < float((after[conv] - start[conv]).norm()) < 0.5 * float(start[conv].norm())
+
+
 def test_a_cascade_trains_exports_and_segments(prepared):
     """A fine stage fed the coarse stage's probabilities (prior_from): preprocess gives its volumes the truth's
     prior channels, training builds a network for them, export keeps prior_from, the library segments with it."""
