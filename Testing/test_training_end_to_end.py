@@ -20,7 +20,7 @@ from conftest import shared_path
 from Training.phantom_anatomy import procedural_labels
 from Training.cli import main
 from Training.runs import train_run
-from Training.trainer import CHECKPOINT, METRICS, Hook
+from Training.trainer import _BATCH_STATISTICS, CHECKPOINT, METRICS, Hook
 
 torch.set_num_threads(1)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -298,8 +298,7 @@ def test_fine_tuning_from_batch_norm_into_instance_norm_keeps_the_learnt_weights
     after = _checkpoint(out, "coarse")["model"]
     assert any(k.endswith("running_mean") for k in start) and not any(k.endswith("running_mean") for k in after)
     # one epoch from run_a's weights: every learnt parameter is there, moved a little, not re-initialised
-    assert set(after) == {k for k in start if k.rsplit(".", 1)[-1] not in ("running_mean", "running_var",
-                                                                            "num_batches_tracked")}
+    assert set(after) == {k for k in start if k.rsplit(".", 1)[-1] not in _BATCH_STATISTICS}
     for key, value in after.items():
         assert value.shape == start[key].shape
     conv = next(k for k in after if k.endswith("weight") and after[k].dim() == 5)
