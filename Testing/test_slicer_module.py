@@ -1648,9 +1648,10 @@ def test_self_test_and_plain_python_batch_mode_on_the_bundled_sample(scene, tmp_
         test.runTest()
         segmentationNode, volumeNode, stats = test.segmentationNode, test.volumeNode, test.stats
         assert slicer.mrmlScene.IsNodePresent(segmentationNode)
-        # The library's KiTS19 kidney Dice of what the demo segments (test_default_model.py's floor): the
+        # The library's KiTS19 kidney Dice of what the demo segments, held to test_default_model.py's floor: the
         # self-test's own bar (0.5) is loose so that it holds for any installed model.
-        assert test.kidneyDice >= 0.95, test.kidneyDice
+        from test_default_model import KIDNEY_DICE_FLOOR
+        assert test.kidneyDice >= KIDNEY_DICE_FLOOR, test.kidneyDice
         inApplication = tmp_path / "in_application.seg.nrrd"
         batch.writeSegmentation(segmentationNode, str(inApplication))
         output, _ = batchRun.communicate(timeout=300)
