@@ -34,6 +34,7 @@ import SimpleITK as sitk
 
 from case_tree import write_case_tree, write_series
 from conftest import shared_path
+from test_default_model import KIDNEY_DICE_FLOOR
 
 try:
     import slicer
@@ -1650,7 +1651,6 @@ def test_self_test_and_plain_python_batch_mode_on_the_bundled_sample(scene, tmp_
         assert slicer.mrmlScene.IsNodePresent(segmentationNode)
         # The library's KiTS19 kidney Dice of what the demo segments, held to test_default_model.py's floor: the
         # self-test's own bar (0.5) is loose so that it holds for any installed model.
-        from test_default_model import KIDNEY_DICE_FLOOR
         assert test.kidneyDice >= KIDNEY_DICE_FLOOR, test.kidneyDice
         inApplication = tmp_path / "in_application.seg.nrrd"
         batch.writeSegmentation(segmentationNode, str(inApplication))
