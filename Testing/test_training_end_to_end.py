@@ -187,6 +187,8 @@ def test_compose_replaces_only_the_named_stage(trained, prepared, capsys):
     assert set(m.provenance["replaced_stages"]) == {"coarse"}
     assert m.provenance["data"]["phantoms"] is True and "stage coarse: recipe phantom_fast" in m.provenance["trained_on"]
     assert m.provenance["replaced_stages"]["coarse"]["run"] == str(other)
+    # the weights carry the training phantoms' KiTS19 licence, not the code's
+    assert base.manifest.licence == m.licence == "CC-BY-NC-SA-4.0"
 
     def states(package, stage):
         spec = next(s for s in package.manifest.stages if s.name == stage)

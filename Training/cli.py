@@ -163,7 +163,7 @@ def cmd_export(args) -> int:
     from .export import export_runs
 
     package = export_runs([Path(r) for r in args.run], Path(args.out), top_k=args.top_k, name=args.name, version=args.version,
-                          overwrite=args.overwrite, allow_unfinished=args.allow_unfinished)
+                          overwrite=args.overwrite, allow_unfinished=args.allow_unfinished, licence=args.licence)
     m = package.manifest
     print(json.dumps({"package": str(package.root), "name": m.name,
                       "weights": {s.name: [w.file for w in s.weights] for s in m.stages}}))
@@ -193,7 +193,8 @@ def cmd_compose(args) -> int:
         drops.setdefault(stage, []).append(file)
     package = compose_package(args.base, pairs(args.stage, "--stage"), Path(args.out), name=args.name,
                               version=args.version, allow_unfinished=args.allow_unfinished, overwrite=args.overwrite,
-                              additions=pairs(args.add, "--add"), description=args.description, removals=drops)
+                              additions=pairs(args.add, "--add"), description=args.description, removals=drops,
+                              licence=args.licence)
     m = package.manifest
     print(json.dumps({"package": str(package.root), "name": m.name, "version": m.version,
                       "weights": {s.name: [w.file for w in s.weights] for s in m.stages}}))
@@ -326,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--version", default="0.1.0")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--allow-unfinished", action="store_true", help="export a stage stopped early by --max-epochs")
+    s.add_argument("--licence", help="the weights' licence (default: the training data's recorded licence, "
+                                   "e.g. CC-BY-NC-SA-4.0 for the KiTS label maps)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("compose", help="a package with some stages retrained: the base package's other stages, "
@@ -343,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--description", help="package description (default: the base's)")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--allow-unfinished", action="store_true", help="take a stage stopped before its last epoch")
+    s.add_argument("--licence", help="the weights' licence (default: the base's and the runs' training data's, "
+                                   "e.g. CC-BY-NC-SA-4.0 for the KiTS label maps)")
     s.set_defaults(func=cmd_compose)
 
     s = sub.add_parser("recipes", help="list recipes, or show one as JSON")

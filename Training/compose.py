@@ -30,7 +30,8 @@ from KidneyTumorSegLib.errors import InputError
 from KidneyTumorSegLib.manifest import unweighted_stage
 from KidneyTumorSegLib.models import ModelPackage, load_package, save_package
 
-from .export import _stage_weights
+from .export import _stage_weights, run_data_licence
+from .licences import combined_licence
 from .recipes import final_stage_manifest
 from .runs import git_commit, read_run
 
@@ -51,11 +52,12 @@ def _contract(stage: Mapping) -> tuple:
 def compose_package(base: str, replacements: Mapping[str, Path], out: Path, name: Optional[str] = None,
                     version: Optional[str] = None, allow_unfinished: bool = False, overwrite: bool = False,
                     additions: Optional[Mapping[str, Path]] = None, description: Optional[str] = None,
-                    removals: Optional[Mapping[str, Sequence[str]]] = None) -> ModelPackage:
+                    removals: Optional[Mapping[str, Sequence[str]]] = None, licence: Optional[str] = None) -> ModelPackage:
     """Write ``out``: package ``base`` (an installed name or a folder) with the stages named in ``replacements``
     (stage name -> training run folder) taken from those runs, the stages named in ``additions`` given the
     run's weights as extra ensemble members, and the base members named in ``removals`` (stage name -> weight
-    files of the base's manifest) left out; returns the loaded package."""
+    files of the base's manifest) left out; returns the loaded package. ``licence``: the weights' licence; by
+    default the base's and every added or replacing run's training data's together (:mod:`Training.licences`)."""
     additions = dict(additions or {})
     removals = {k: list(v) for k, v in (removals or {}).items()}
     if not replacements and not additions and not removals:
@@ -127,6 +129,7 @@ def compose_package(base: str, replacements: Mapping[str, Path], out: Path, name
     manifest["name"] = name or manifest["name"]
     manifest["version"] = version or manifest["version"]
     manifest["description"] = description or manifest["description"]
+    manifest["licence"] = licence or combined_licence([manifest.get("licence")] + [run_data_licence(v) for v in runs.values()])
     return save_package(Path(out), manifest, states, overwrite=overwrite)
 
 

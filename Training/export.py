@@ -19,6 +19,7 @@ import torch
 from KidneyTumorSegLib.errors import InputError
 from KidneyTumorSegLib.models import ModelPackage, save_package
 
+from .licences import combined_licence, dataset_licence
 from .phantom_dataset import PHANTOMS_JSON
 from .recipes import final_stage_manifest, manifest_dict
 from .runs import git_commit, read_run
@@ -58,8 +59,10 @@ def _stage_weights(run_dir: Path, stage: dict, top_k: Optional[int], allow_unfin
 
 
 def export_runs(run_dirs: Sequence[Path], out: Path, top_k: Optional[int] = None, name: Optional[str] = None,
-                version: str = "0.1.0", overwrite: bool = False, allow_unfinished: bool = False) -> ModelPackage:
-    """Write a model package from one or more runs of the same recipe; returns the loaded package."""
+                version: str = "0.1.0", overwrite: bool = False, allow_unfinished: bool = False,
+                licence: Optional[str] = None) -> ModelPackage:
+    """Write a model package from one or more runs of the same recipe; returns the loaded package. ``licence``:
+    the weights' licence; by default the training data's (:func:`run_data_licence`)."""
     if not run_dirs:
         raise InputError("export needs at least one --run")
     runs = [(Path(d), read_run(Path(d))) for d in run_dirs]
@@ -96,5 +99,12 @@ def export_runs(run_dirs: Sequence[Path], out: Path, top_k: Optional[int] = None
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     manifest = manifest_dict(resolved, weights, name=name, version=version,
-                             intended_use=PHANTOM_USE if phantoms else RESEARCH_USE, provenance=provenance)
+                             intended_use=PHANTOM_USE if phantoms else RESEARCH_USE, provenance=provenance,
+                             licence=licence or combined_licence(run_data_licence(r) for _, r in runs))
     return save_package(Path(out), manifest, states, overwrite=overwrite)
+
+
+def run_data_licence(run: dict) -> str:
+    """The licence of everything a run trained on (its dataset and any mixed-in cache's), as recorded by the data."""
+    sources = [run.get("dataset")] + ([run["mix"].get("dataset")] if run.get("mix") else [])
+    return combined_licence(dataset_licence(s) for s in sources)

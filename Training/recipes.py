@@ -34,6 +34,8 @@ from typing import Any, Mapping, Optional
 from KidneyTumorSegLib.labels import LABEL_VALUES
 from KidneyTumorSegLib.normalization import IntensityNormalization
 
+from .licences import UNSPECIFIED
+
 
 def _window(low, high, center=None, scale=None) -> dict:
     return IntensityNormalization.window(low, high, center, scale).to_dict()
@@ -725,9 +727,11 @@ def final_stage_manifest(resolved_stage: dict) -> dict:
 
 
 def manifest_dict(resolved: dict, weights: Mapping[str, list], name: Optional[str] = None, version: str = "0.1.0",
-                  description: Optional[str] = None, intended_use: Optional[str] = None, provenance: Optional[dict] = None) -> dict:
+                  description: Optional[str] = None, intended_use: Optional[str] = None, provenance: Optional[dict] = None,
+                  licence: Optional[str] = None) -> dict:
     """A model manifest (dict) for a resolved recipe; ``weights[stage name]`` lists the stage's weights files
-    (``{"file": ..., "sha256": ...}``, sha256 optional before :func:`KidneyTumorSegLib.models.save_package`)."""
+    (``{"file": ..., "sha256": ...}``, sha256 optional before :func:`KidneyTumorSegLib.models.save_package`);
+    ``licence`` is the weights' licence (:mod:`Training.licences`; unspecified when not given)."""
     stages = []
     for stage in resolved["stages"]:
         m = final_stage_manifest(stage)
@@ -739,7 +743,7 @@ def manifest_dict(resolved: dict, weights: Mapping[str, list], name: Optional[st
         "version": version,
         "description": description or f"{resolved['summary']} Recipe {resolved['name']} (seed {resolved['seed']}).",
         "intended_use": intended_use or "Research use only; not a medical device.",
-        "licence": "Apache-2.0",
+        "licence": licence or UNSPECIFIED,
         "labels": dict(resolved["labels"]),
         "stages": stages,
         "postprocessing": dict(resolved["postprocessing"]),
