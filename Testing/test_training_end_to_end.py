@@ -189,6 +189,12 @@ def test_compose_replaces_only_the_named_stage(trained, prepared, capsys):
     assert m.provenance["replaced_stages"]["coarse"]["run"] == str(other)
     # the weights carry the training phantoms' KiTS19 licence, not the code's
     assert base.manifest.licence == m.licence == "CC-BY-NC-SA-4.0"
+    # --licence overrides; composing on top keeps the base's terms beside the new run's data's
+    assert main(["--quiet", "compose", "--base", str(base.root), "--stage", f"coarse={other}", "--out",
+                 str(prepared / "relicensed"), "--licence", "Apache License 2.0"]) == 0
+    assert load_package(str(prepared / "relicensed")).manifest.licence == "Apache License 2.0"
+    mixed = compose_package(str(prepared / "relicensed"), {"coarse": other}, prepared / "mixed_licence")
+    assert mixed.manifest.licence == "Apache-2.0 AND CC-BY-NC-SA-4.0"
 
     def states(package, stage):
         spec = next(s for s in package.manifest.stages if s.name == stage)

@@ -24,10 +24,11 @@ import re
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .phantom_dataset import PHANTOMS_JSON
+
 UNSPECIFIED = ("unspecified: the training data recorded no licence; the weights carry the terms of their training "
                "data (set them with --licence)")
 _LICENCE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "LICENCE.txt")
-_RECORD = "phantoms.json"  # Training.phantom_dataset.PHANTOMS_JSON, named here to keep this module import-light
 
 
 def spdx_id(text: str) -> str:
@@ -55,7 +56,7 @@ def dataset_licence(dataset: Optional[str | Path]) -> Optional[str]:
     if not dataset:
         return None
     folder = Path(dataset)
-    record = folder / _RECORD
+    record = folder / PHANTOMS_JSON
     if record.is_file():
         try:
             text = json.loads(record.read_text()).get("licence")
