@@ -1,0 +1,44 @@
+"""``benchmarks/per_source.py``: source selection, the table row, and the error for a missing data folder."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "per_source.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("per_source", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sources_come_in_the_tables_order_and_unknown_ones_are_refused(script):
+    assert script.parse_sources("own, sample,ircad_1.1") == ["sample", "ircad_1.1", "own"]
+    with pytest.raises(ValueError, match="kits19"):
+        script.parse_sources("sample,kits19")
+    with pytest.raises(ValueError):
+        script.parse_sources(" , ")
+
+
+def test_markdown_row_formats_each_source_and_marks_the_unmeasured(script):
+    results = {"sample": {"kidney_dice": 0.96981, "tumor_dice": 0.7102},
+               "ircad_1.1": {"kidney_dice": 0.5791, "kidney_dice_per_side": {"right": 0.499, "left": 0.666},
+                             "tumor_ml": 250.4, "cyst_ml": 13.5},
+               "own": {"kidney_dice": 0.935, "tumor_dice": 0.629}}
+    row = script.markdown_row("m 1.0", results)
+    assert row == "| m 1.0 | 0.970 / 0.710 | 0.579 (0.50 / 0.67) / 264 mL | — | — | 0.935 / 0.629 |"
+
+
+def test_a_missing_phantom_folder_names_the_command_that_builds_it(script, tmp_path, capsys):
+    missing = tmp_path / "no-valgen"
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--sources", "valgen", "--valgen", str(missing)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "validation-phantoms" in err
