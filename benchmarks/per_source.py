@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     package = load_package(args.model)
-    model = f"{package.manifest.name} {package.manifest.version}"
+    # a composed package keeps its base's name and version: name the folder too, or every row reads the same
+    model = f"{package.manifest.name} {package.manifest.version}" + (f" ({args.model})" if args.model else "")
     segmenter = Segmenter(package, device=args.device)
     results = {}
     try:
