@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -19,6 +20,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 #: HU of the piecewise-constant test CTs (the intensity classifier below separates them exactly)
 TEST_HU = {0: -100.0, 1: 150.0, 2: 320.0, 3: 5.0}
+
+
+def benchmark_script(name: str):
+    """``benchmarks/<name>.py`` loaded as a module (the benchmarks folder is no package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "per_source.py"
+from conftest import benchmark_script
+from Training.real_ct import SCANS
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("per_source", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("per_source")
+
+
+def test_the_real_scans_are_those_real_ct_scores(script):
+    assert sorted(script.REAL_SCANS) == sorted(SCANS)
 
 
 def test_sources_come_in_the_tables_order_and_unknown_ones_are_refused(script):

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
+from conftest import benchmark_script
 from KidneyTumorSegLib.manifest import ModelManifest
 from KidneyTumorSegLib.models import load_package, sha256_file
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "region_margin_sensitivity.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("region_margin_sensitivity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_with_margin_moves_only_the_refinement_regions():
     package = load_package(None)
     manifest_file = package.root / "manifest.json"
     before = sha256_file(manifest_file)
-    varied = _script().with_margin(package.manifest, 7.5)
+    varied = benchmark_script("region_margin_sensitivity").with_margin(package.manifest, 7.5)
     for old, new in zip(package.manifest.stages, varied.stages):
         if old.role == "localize":
             assert new == old  # the localisation stage runs on the whole volume: nothing to move

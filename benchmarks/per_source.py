@@ -31,7 +31,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("sample", "ircad_1.1", "example_ct_sm", "valgen", "own")
+#: the real scans of ``Training/real_ct.py`` (its ``SCANS``), in the per-source tables' column order
+REAL_SCANS = ("ircad_1.1", "example_ct_sm")
+SOURCES = ("sample", *REAL_SCANS, "valgen", "own")
 BUILD = {
     "valgen": "python -m Training validation-phantoms --labels ../shared/data/kits23_labels --out {path} "
               "--cases 130-139,400-409 --downsample-inplane 2 --max-slices 128",
@@ -63,7 +65,7 @@ def markdown_row(model: str, results: dict) -> str:
     cells = [model]
     for name in SOURCES:
         r = results.get(name)
-        cells.append("—" if r is None else (real(r) if name in ("ircad_1.1", "example_ct_sm") else pair(r)))
+        cells.append("—" if r is None else (real(r) if name in REAL_SCANS else pair(r)))
     return "| " + " | ".join(cells) + " |"
 
 
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
         if name in folders and not folders[name].is_dir():
             parser.error(f"source {name!r}: no folder {folders[name]}; build it with: {BUILD[name].format(path=folders[name])}")
     real_ct = Path(args.shared) / "data" / "real_ct"
-    if any(s in ("ircad_1.1", "example_ct_sm") for s in sources) and not real_ct.is_dir():
+    if any(s in REAL_SCANS for s in sources) and not real_ct.is_dir():
         parser.error(f"the real scans need {real_ct} (the project's shared folder; --shared)")
     if args.out and Path(args.out).exists():
         parser.error(f"--out {args.out} already exists; name a new folder")
