@@ -19,12 +19,17 @@ Choices where the brief leaves room:
   ``EXACT_MAX_POINTS`` candidates the maximum over all pairs is exact; above it the candidates
   are narrowed to the extremes along ``N_DIRECTIONS`` directions, which underestimates by at
   most D*(1 - cos(angular gap)) < 0.1 %.
+- Confidence (only when the model's lesion probability is given): the mean, over a lesion's
+  voxels, of the probability the segment stage gave the lesion classes (tumor + cyst, so a
+  lesion the model hesitated between calling tumor or cyst is not "unsure" of being a lesion).
+  It is what the model said, not a calibrated chance of being right: on scans unlike its
+  training data a model can be confidently wrong.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -41,21 +46,29 @@ EXACT_MAX_POINTS = 4000
 #: directions (on a half sphere) used to narrow larger candidate sets
 N_DIRECTIONS = 2000
 
+#: lesions from this volume (mL) up get a note of their own when the model is unsure of them
+NOTE_MIN_LESION_ML = 1.0
+
 _SIDE_ORDER = {"right": 0, "midline": 1, "left": 2}
 
 
-def measure(labels: sitk.Image) -> dict:
+def measure(labels: sitk.Image, lesion_probability: Optional[np.ndarray] = None) -> dict:
     """Measure kidneys, tumors and cysts of a 3D label map (0 bg, 1 kidney, 2 tumor, 3 cyst).
+
+    ``lesion_probability`` (optional): the model's lesion probability on the label map's grid,
+    an array (z, y, x) of the label map's shape, uint8 as round(255 p) or float in [0, 1]; with
+    it each lesion item gets ``confidence``, its mean over the lesion (see the module doc).
 
     Returns a JSON-serialisable dict:
     ``kidneys``: list of {side, volume_ml (kidney + its lesions), tumor_volume_ml,
     cyst_volume_ml, centroid_lps_mm [x, y, z]}, sorted right, midline, left (then by volume);
     ``tumors`` and ``cysts``: {count, total_volume_ml, largest_diameter_mm, items: [{volume_ml,
-    max_diameter_mm, centroid_lps_mm, side}] sorted by volume, largest first};
+    max_diameter_mm, centroid_lps_mm, side[, confidence]}] sorted by volume, largest first};
     ``labels_present``: sorted non-zero label values found;
     ``midline_x_lps_mm``: the x position used to split right from left.
     """
     check_label_image(labels)
+    probability = _checked_probability(lesion_probability, labels)
     geometry = _Geometry(labels)
     midline = geometry.image_centre_x()
     view = sitk.GetArrayViewFromImage(labels)
@@ -102,11 +115,38 @@ def measure(labels: sitk.Image) -> dict:
     ]
     kidneys.sort(key=lambda d: (_SIDE_ORDER[d["side"]], -d["volume_ml"]))
 
+    crop_probability = None if probability is None else probability[box]
     lesions = {
-        label: _lesion_summary(_lesions(crop == label, offset, kidney_cc, sides, geometry, voxel_ml))
+        label: _lesion_summary(_lesions(crop == label, offset, kidney_cc, sides, geometry, voxel_ml, crop_probability))
         for label in (TUMOR, CYST)
     }
     return _result(kidneys, lesions[TUMOR], lesions[CYST], present, midline)
+
+
+def low_confidence_notes(stats: dict, below: float) -> List[str]:
+    """Notes on the tumors and cysts of :func:`measure`'s ``stats`` whose ``confidence`` is under ``below``
+    (0 switches the notes off; items without a confidence get none): one per lesion of at least
+    ``NOTE_MIN_LESION_ML``, largest first, then one line counting the smaller ones (fragments a
+    radiologist reads as one finding, not a list)."""
+    if below <= 0:
+        return []
+    notes, small, small_ml = [], 0, 0.0
+    for key, name in (("tumors", "tumor"), ("cysts", "cyst")):
+        for item in (stats.get(key) or {}).get("items", []):
+            confidence = item.get("confidence")
+            if confidence is None or confidence >= below:
+                continue
+            if item["volume_ml"] < NOTE_MIN_LESION_ML:
+                small, small_ml = small + 1, small_ml + item["volume_ml"]
+                continue
+            side = item.get("side")
+            where = f" at the {side} kidney" if side in ("right", "left") else ""
+            notes.append(f"the model is unsure of the {item['volume_ml']:.1f} mL {name}{where} (mean probability "
+                         f"{confidence:.2f}, under {below:.2f}): check whether it is a lesion at all")
+    if small:
+        notes.append(f"the model is also unsure of {small} lesion fragment(s) under {NOTE_MIN_LESION_ML:g} mL "
+                     f"({small_ml:.1f} mL in all; mean probability under {below:.2f})")
+    return notes
 
 
 def summarize(stats: dict) -> str:
@@ -187,9 +227,29 @@ def _side(centroid_x: float, left_fraction: float, midline: float) -> str:
     return "left" if centroid_x > midline else "right"
 
 
+def _checked_probability(probability, labels: sitk.Image) -> Optional[np.ndarray]:
+    """``probability`` as float32 in [0, 1] (uint8 is read as round(255 p)); its shape must be the label map's."""
+    if probability is None:
+        return None
+    array = np.asarray(probability)
+    shape = tuple(reversed(labels.GetSize()))
+    if array.shape != shape:
+        raise ValueError(f"lesion_probability must have the label map's array shape (z, y, x) {shape}, got {array.shape}")
+    if array.dtype == np.uint8:
+        return array
+    if not np.issubdtype(array.dtype, np.floating) or array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1):
+        raise ValueError(f"lesion_probability must be uint8 (round(255 p)) or float in [0, 1], got {array.dtype}")
+    return array
+
+
+def _mean_probability(values: np.ndarray) -> float:
+    mean = float(np.mean(values, dtype=np.float64))
+    return round(mean / 255.0 if values.dtype == np.uint8 else mean, 3)
+
+
 def _lesions(
     mask: np.ndarray, offset: np.ndarray, kidney_cc: np.ndarray, sides: List[str],
-    geometry: _Geometry, voxel_ml: float,
+    geometry: _Geometry, voxel_ml: float, probability: Optional[np.ndarray] = None,
 ) -> List[dict]:
     if not mask.any():
         return []
@@ -205,14 +265,15 @@ def _lesions(
         voxels = zyx[start:end]
         lo, hi = voxels.min(0), voxels.max(0) + 1
         sub = cc[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] == ids[start]
-        items.append(
-            {
-                "volume_ml": float(len(voxels) * voxel_ml),
-                "max_diameter_mm": feret_diameter_mm(sub, geometry.matrix),
-                "centroid_lps_mm": [float(v) for v in geometry.physical(voxels + offset).mean(0)],
-                "side": sides[int(kidney_cc[tuple(voxels[0])])],
-            }
-        )
+        item = {
+            "volume_ml": float(len(voxels) * voxel_ml),
+            "max_diameter_mm": feret_diameter_mm(sub, geometry.matrix),
+            "centroid_lps_mm": [float(v) for v in geometry.physical(voxels + offset).mean(0)],
+            "side": sides[int(kidney_cc[tuple(voxels[0])])],
+        }
+        if probability is not None:
+            item["confidence"] = _mean_probability(probability[tuple(voxels.T)])
+        items.append(item)
     items.sort(key=lambda d: -d["volume_ml"])
     return items
 

@@ -15,9 +15,12 @@ For each stage of the manifest, in order:
 3. run the sliding window with the stage's networks (an ensemble is averaged);
 4. ``localize`` stages keep their label map on their own (coarse) grid; ``segment`` and
    ``overlay`` stages resample their probabilities (or labels) back onto the part of the
-   input grid inside the box, slab by slab to bound memory, and write the labels.
+   input grid inside the box, slab by slab to bound memory, and write the labels, and
+   the probability of a lesion class (tumor + cyst, uint8 0-255) beside them.
 
-Then post-processing and measurements on the input grid. The output has exactly the
+Then post-processing and measurements on the input grid; each lesion's measurements carry its
+``confidence`` (the mean lesion probability over its voxels), and a lesion below the
+manifest's ``lesion_confidence_note_below`` gets a note. The output has exactly the
 input's size, spacing, origin and direction.
 
 Steps 1-3 are the functions of ``stages`` (regions, input channels, predictor,
@@ -37,6 +40,7 @@ import SimpleITK as sitk
 from . import geometry as geo
 from .anatomy import estimate_landmarks
 from .enhancement import enhancement_note
+from .labels import CYST, TUMOR
 from .manifest import ModelManifest, StageSpec
 from .models import ModelPackage
 from .runcontrol import ProgressCallback, ProgressSpan, check_cancel
@@ -66,11 +70,12 @@ class SegmentationResult:
 @dataclass
 class RunState:
     """One image's run through the cascade: the input, the label array the segment stages write into (input
-    grid, z, y, x), the anatomical landmarks, the cancel token, the previous stage's output, every stage's output
+    grid, z, y, x) and the lesion probability beside it, the anatomical landmarks, the cancel token, the previous stage's output, every stage's output
     by name, and the notes for the user."""
 
     image: sitk.Image
     out: Optional[np.ndarray]
+    lesion_probability: Optional[np.ndarray] = None  # uint8 0-255 (z, y, x), written beside ``out``
     landmarks: Optional[object] = None
     cancel: Optional[object] = None
     previous: Optional[StageOutput] = None
@@ -128,7 +133,7 @@ class Segmenter:
             return self._segment(image, progress, cancel)
 
     def _segment(self, image: sitk.Image, progress, cancel) -> SegmentationResult:
-        from .measurements import measure
+        from .measurements import low_confidence_notes, measure
         from .postprocessing import postprocess
 
         timings = {}
@@ -138,7 +143,8 @@ class Segmenter:
             t0 = time.perf_counter()
             landmarks = estimate_landmarks(image)
             timings["anatomy"] = time.perf_counter() - t0
-        run = RunState(image, np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint8), landmarks, cancel)
+        shape = sitk.GetArrayViewFromImage(image).shape
+        run = RunState(image, np.zeros(shape, dtype=np.uint8), np.zeros(shape, dtype=np.uint8), landmarks, cancel)
         shares = self._progress_shares()
         position = 0.0
         for stage, share in zip(self.manifest.stages, shares):
@@ -163,9 +169,11 @@ class Segmenter:
         timings["postprocessing"] = time.perf_counter() - t0
         check_cancel(cancel)
         t0 = time.perf_counter()
-        stats = measure(labels)
+        stats = measure(labels, lesion_probability=run.lesion_probability)
+        run.lesion_probability = None
         timings["measurements"] = time.perf_counter() - t0
         check_cancel(cancel)
+        notes.extend(low_confidence_notes(stats, self.manifest.postprocessing.lesion_confidence_note_below))
         if not stats.get("kidneys"):
             notes.append("no kidney found in this volume")
         else:
@@ -218,7 +226,7 @@ class Segmenter:
                 result = StageOutput(argmax_labels(probs, stage, grid),
                                       geo.array_to_image(np.moveaxis(probs, 0, -1), grid, is_vector=True))
             else:
-                write_back(stage, probs, grid, box, image, run.out)
+                write_back(stage, probs, grid, box, image, run.out, run.lesion_probability)
         if result is None:
             result = StageOutput(_labels_view(run.out, image))
         return result
@@ -242,25 +250,35 @@ class _Notes(list):
             super().append(note)
 
 
-def write_back(stage: StageSpec, probs: np.ndarray, grid: geo.Grid, box: geo.Box, image: sitk.Image, out: np.ndarray) -> None:
+def write_back(stage: StageSpec, probs: np.ndarray, grid: geo.Grid, box: geo.Box, image: sitk.Image, out: np.ndarray,
+               lesion_out: Optional[np.ndarray] = None) -> None:
     """Write a stage's prediction inside ``box`` into ``out`` (the input-grid label array, (z, y, x)).
 
     Probabilities are resampled linearly onto the input grid and argmaxed there
     (``resample_back == "probabilities"``), or the labels with nearest neighbour. Works in
     slabs along the input's slowest array axis so at most ~8 M voxels x classes are in
-    float32 at once.
+    float32 at once. ``lesion_out`` (uint8, ``out``'s shape; optional) gets the summed
+    probability of the stage's lesion classes (tumor, cyst) as round(255 p), resampled
+    linearly in both modes, where the labels are written (an overlay stage: where it
+    finds something).
     """
     index_range = geo.region_index_range(image, box)
     if index_range is None:
         return
     start, size = index_range
     values = class_values(stage)
+    lesion_classes = np.flatnonzero(np.isin(values, (TUMOR, CYST)))
+    if lesion_classes.size == 0:
+        lesion_out = None
+    lesion_source = None
     if stage.resample_back == "probabilities":
         source = geo.array_to_image(np.moveaxis(probs, 0, -1), grid, is_vector=True)
         interpolator = sitk.sitkLinear
     else:
         source = argmax_labels(probs, stage, grid)
         interpolator = sitk.sitkNearestNeighbor
+        if lesion_out is not None:
+            lesion_source = geo.array_to_image(probs[lesion_classes].sum(axis=0), grid)
     slab = max(1, _BACK_RESAMPLE_VOXELS // max(1, size[0] * size[1]))
     for z0 in range(start[2], start[2] + size[2], slab):
         nz = min(slab, start[2] + size[2] - z0)
@@ -268,11 +286,22 @@ def write_back(stage: StageSpec, probs: np.ndarray, grid: geo.Grid, box: geo.Box
                        tuple(image.TransformIndexToPhysicalPoint((start[0], start[1], z0))), tuple(image.GetDirection()))
         resampled = sitk.GetArrayFromImage(geo.resample(source, sub, interpolator, 0.0))
         labels = values[np.argmax(resampled, axis=-1)] if stage.resample_back == "probabilities" else resampled.astype(np.uint8)
-        view = out[z0:z0 + nz, start[1]:start[1] + size[1], start[0]:start[0] + size[0]]
+        index = (slice(z0, z0 + nz), slice(start[1], start[1] + size[1]), slice(start[0], start[0] + size[0]))
+        lesion = None
+        if lesion_out is not None:
+            p = (resampled[..., lesion_classes].sum(axis=-1) if lesion_source is None
+                 else sitk.GetArrayFromImage(geo.resample(lesion_source, sub, sitk.sitkLinear, 0.0)))
+            lesion = np.rint(np.clip(p, 0.0, 1.0) * 255.0).astype(np.uint8)
+        del resampled
         if stage.role == "segment":
-            view[...] = labels
+            out[index] = labels
+            if lesion is not None:
+                lesion_out[index] = lesion
         else:  # overlay: only this stage's findings, on top of what is there
-            np.copyto(view, labels, where=labels > 0)
+            found = labels > 0
+            np.copyto(out[index], labels, where=found)
+            if lesion is not None:
+                np.copyto(lesion_out[index], lesion, where=found)
 
 
 def _labels_view(out: np.ndarray, image: sitk.Image) -> sitk.Image:

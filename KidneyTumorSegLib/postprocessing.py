@@ -74,6 +74,9 @@ class PostprocessingConfig:
     fill_holes: bool = True
     #: anatomical plausibility of the final kidney components (see ``anatomy``); off unless ``enabled``
     plausibility: PlausibilityConfig = PlausibilityConfig()
+    #: a tumor or cyst whose mean lesion probability (``measurements``' confidence) is under this gets a note
+    #: saying the model is unsure of it; nothing is removed; 0 switches the notes off
+    lesion_confidence_note_below: float = 0.0
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -131,12 +134,12 @@ def _checked_value(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise fail("an integer >= 1")
         return value
-    if name in ("min_component_fraction", "cyst_threshold_hu", "min_lesion_volume_ml"):
+    if name in ("min_component_fraction", "cyst_threshold_hu", "min_lesion_volume_ml", "lesion_confidence_note_below"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise fail("a finite number")
         if name == "min_lesion_volume_ml" and value < 0:
             raise fail("a number >= 0")
-        if name == "min_component_fraction" and not 0.0 <= value <= 1.0:
+        if name in ("min_component_fraction", "lesion_confidence_note_below") and not 0.0 <= value <= 1.0:
             raise fail("a number in [0, 1]")
         return float(value)
     if name == "plausibility":

@@ -201,3 +201,55 @@ def test_empty_map():
 def test_bad_label_values_rejected():
     with pytest.raises(ValueError, match="0..3"):
         measure(make(np.full((3, 3, 3), 7), (1.0, 1.0, 1.0)))
+
+
+# -- lesion confidence -------------------------------------------------------------------------
+def _two_lesions():
+    a = np.zeros((6, 10, 20), np.uint8)
+    a[1:5, 1:9, 1:19] = 1
+    a[2:4, 2:4, 2:6] = 2    # tumor: 16 voxels
+    a[2:4, 6:8, 12:14] = 3  # cyst: 8 voxels
+    return a
+
+
+def test_lesion_confidence_is_the_mean_lesion_probability_over_the_lesion():
+    a = _two_lesions()
+    p = np.zeros(a.shape, np.uint8)
+    p[2:4, 2:4, 2:4] = 255  # half the tumor sure, the other half 0.5 (128/255), the kidney around it 1.0 (ignored)
+    p[2:4, 2:4, 4:6] = 128
+    p[a == 1] = 255
+    p[2:4, 6:8, 12:14] = 51  # the cyst: 0.2
+    result = measure(make(a, (1.0, 1.0, 1.0)), lesion_probability=p)
+    assert result["tumors"]["items"][0]["confidence"] == pytest.approx((1.0 + 128 / 255) / 2, abs=1e-3)
+    assert result["cysts"]["items"][0]["confidence"] == pytest.approx(0.2, abs=1e-3)
+    floats = measure(make(a, (1.0, 1.0, 1.0)), lesion_probability=p / 255.0)
+    assert floats["tumors"]["items"][0]["confidence"] == result["tumors"]["items"][0]["confidence"]
+    assert "confidence" not in measure(make(a, (1.0, 1.0, 1.0)))["tumors"]["items"][0]  # unknown, not invented
+
+
+def test_lesion_probability_of_another_shape_or_range_is_refused():
+    img = make(_two_lesions(), (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match=r"shape \(z, y, x\) \(6, 10, 20\), got \(6, 10, 19\)"):
+        measure(img, lesion_probability=np.zeros((6, 10, 19), np.uint8))
+    with pytest.raises(ValueError, match="float in \\[0, 1\\]"):
+        measure(img, lesion_probability=np.full((6, 10, 20), 2.0))
+    with pytest.raises(ValueError, match="int64"):
+        measure(img, lesion_probability=np.zeros((6, 10, 20), np.int64))
+
+
+def test_low_confidence_notes_name_each_lesion_and_count_the_fragments():
+    stats = {"tumors": {"items": [{"volume_ml": 183.7, "confidence": 0.646, "side": "right"},
+                                  {"volume_ml": 21.0, "confidence": 0.81, "side": "left"},
+                                  {"volume_ml": 0.4, "confidence": 0.3, "side": "left"},
+                                  {"volume_ml": 5.0, "side": "left"}]},  # no confidence: no note
+             "cysts": {"items": [{"volume_ml": 2.5, "confidence": 0.5, "side": "midline"},
+                                 {"volume_ml": 0.2, "confidence": 0.74, "side": "left"}]}}
+    notes = measurements.low_confidence_notes(stats, 0.75)
+    assert notes == [
+        "the model is unsure of the 183.7 mL tumor at the right kidney (mean probability 0.65, under 0.75): "
+        "check whether it is a lesion at all",
+        "the model is unsure of the 2.5 mL cyst (mean probability 0.50, under 0.75): check whether it is a lesion at all",
+        "the model is also unsure of 2 lesion fragment(s) under 1 mL (0.6 mL in all; mean probability under 0.75)",
+    ]
+    assert measurements.low_confidence_notes(stats, 0.0) == []
+    assert measurements.low_confidence_notes({"tumors": {"count": 0, "items": []}}, 0.75) == []

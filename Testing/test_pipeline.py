@@ -265,3 +265,48 @@ def test_input_image_is_not_modified(classifier_package):
     Segmenter(classifier_package, device="cpu").segment(ct)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(ct), before)
     assert geometry == (ct.GetSize(), ct.GetSpacing(), ct.GetOrigin(), ct.GetDirection())
+
+
+# -- lesion confidence -------------------------------------------------------------------------
+def _soft_tumor_probability(sharpness: float) -> float:
+    """The intensity classifier's tumor probability inside a tumor (TEST_HU[2]) at ``sharpness``."""
+    x = normalized(TEST_HU[2])
+    logits = np.array([-sharpness * abs(x - normalized(TEST_HU[c])) for c in (0, 1, 2)])
+    e = np.exp(logits - logits.max())
+    return float(e[2] / e.sum())
+
+
+@pytest.mark.parametrize("fine_role,resample_back", [("segment", "probabilities"), ("segment", "labels"),
+                                                     ("overlay", "probabilities")])
+def test_each_lesion_carries_the_models_confidence_and_an_unsure_one_gets_a_note(tmp_path, fine_role, resample_back):
+    """A soft fine network (tumor probability ~0.68 inside tumors) gives lesions that confidence and the note the
+    manifest asks for below 0.75; the same network made sharp (~1.0) gives no note."""
+    labels = procedural_labels(rng=np.random.default_rng(1), tumors=1, **GEOMETRIES["identity"])
+    found = {}
+    for sharpness in (2.0, 20.0):
+        manifest = classifier_manifest(fine_role=fine_role, postprocessing={"fill_holes": False,
+                                                                             "lesion_confidence_note_below": 0.75})
+        manifest["stages"][1]["network"]["kwargs"]["sharpness"] = sharpness
+        manifest["stages"][1]["resample_back"] = resample_back
+        package = save_test_package(tmp_path / f"pkg{sharpness}", manifest)
+        result, kidney, tumor = segment_and_score(package, labels)
+        assert kidney > 0.95 and tumor > 0.8
+        items = result.stats["tumors"]["items"]
+        largest = items[0]
+        expected = _soft_tumor_probability(sharpness)
+        # inside the tumor the network says ``expected``; its rim, resampled twice (to the stage grid and back),
+        # mixes in the kidney's lower tumor probability (0.23 at sharpness 2), so the mean lies a little below
+        assert expected - 0.15 < largest["confidence"] <= expected + 1e-3, (largest["confidence"], expected)
+        unsure = [n for n in result.notes if "unsure" in n]
+        found[sharpness] = (largest["volume_ml"], unsure)
+    assert _soft_tumor_probability(2.0) < 0.72 and _soft_tumor_probability(20.0) > 0.999
+    volume, unsure = found[2.0]
+    assert unsure and unsure[0].startswith(f"the model is unsure of the {volume:.1f} mL tumor"), unsure
+    assert found[20.0][1] == []
+
+
+def test_confidence_notes_stay_off_unless_the_manifest_asks(classifier_package):
+    labels = procedural_labels(rng=np.random.default_rng(1), tumors=1, **GEOMETRIES["identity"])
+    result = Segmenter(classifier_package, device="cpu").segment(ct_from_labels(labels))
+    assert all("confidence" in t for t in result.stats["tumors"]["items"])
+    assert not any("unsure" in n for n in result.notes)

@@ -271,9 +271,10 @@ def test_config_round_trip_and_defaults():
     assert set(d) == {
         "keep_largest_kidneys", "max_kidney_components", "min_component_fraction", "drop_detached_lesions",
         "cyst_intensity_rule", "cyst_threshold_hu", "cyst_relabel_to", "min_lesion_volume_ml", "largest_tumor_only", "fill_holes",
-        "plausibility",
+        "plausibility", "lesion_confidence_note_below",
     }
     assert d["plausibility"]["enabled"] is False  # off unless a manifest switches it on
+    assert d["lesion_confidence_note_below"] == 0.0  # so are the confidence notes
 
 
 @pytest.mark.parametrize(
@@ -288,6 +289,8 @@ def test_config_round_trip_and_defaults():
         ({"fill_holes": 1}, "fill_holes"),
         ({"cyst_threshold_hu": math.nan}, "cyst_threshold_hu"),
         ({"cyst_relabel_to": "tumor"}, "cyst_relabel_to"),
+        ({"lesion_confidence_note_below": 75}, "lesion_confidence_note_below"),
+        ({"lesion_confidence_note_below": -0.1}, "lesion_confidence_note_below"),
     ],
 )
 def test_config_errors_name_key_valid_keys_and_value(bad, key):

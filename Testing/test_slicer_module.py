@@ -427,6 +427,9 @@ def test_results_table_rows_and_summary():
         ("Tumors", "12.3", "1 found; largest diameter 31.2 mm"),
         ("Cysts", "0.0", "none found")]
     assert results.tableRows({"kidneys": []}) == [("Kidney", "0.0", "no kidney found")]
+    automatic = dict(STATS, tumors=dict(STATS["tumors"], items=[{"volume_ml": 12.34, "confidence": 0.646}]))
+    assert results.tableRows(automatic)[2] == ("Tumors", "12.3", "1 found; largest diameter 31.2 mm; "
+                                                                  "model confidence in the largest 0.65")
     assert results.summaryText(STATS) == "2 kidneys, 1 tumor (12.3 mL), no cyst"
     assert results.notesText(STATS) == "" and results.notesText({"notes": []}) == ""
     assert results.notesText({"notes": ["looks unenhanced", "second"]}) == " Note: looks unenhanced; second."

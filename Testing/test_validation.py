@@ -209,14 +209,14 @@ def test_estimate_memory_bytes_model():
 
 def test_check_memory_with_given_available():
     image = sitk.Image((512, 512, 600), sitk.sitkInt16)  # input 0.31 GB already loaded
-    needed = 512 * 512 * 600 * validation.EXTRA_BYTES_PER_VOXEL + 600 * 10**6  # 10.7 GB still to come
+    needed = 512 * 512 * 600 * validation.EXTRA_BYTES_PER_VOXEL + 600 * 10**6  # 10.8 GB still to come
     check_memory(image, available=needed)
     with pytest.raises(InsufficientMemoryError) as err:
         check_memory(image, available=needed - 1)
     msg = str(err.value)
     assert msg == (
         "Not enough memory for the 512x512x600 16-bit signed integer volume: segmenting it needs about "
-        "10.7 GB more than the 0.3 GB the loaded image takes, 10.7 GB available"
+        "10.8 GB more than the 0.3 GB the loaded image takes, 10.8 GB available"
     )
     with pytest.raises(InsufficientMemoryError, match="0.5 GB available"):
         check_memory(image, available=500 * 10**6)

@@ -33,6 +33,9 @@ def _lesionRow(title: str, group: Optional[dict]) -> Optional[Tuple[str, str, st
     details = f"{count} found"
     if group.get("largest_diameter_mm") is not None:
         details += f"; largest diameter {_number(group['largest_diameter_mm'])} mm"
+    items = [i for i in group.get("items") or [] if isinstance(i, dict)]
+    if items and items[0].get("confidence") is not None:  # items come largest first
+        details += f"; model confidence in the largest {_number(items[0]['confidence'], 2)}"
     return (title, _number(group.get("total_volume_ml")), details)
 
 
