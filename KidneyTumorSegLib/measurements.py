@@ -124,28 +124,22 @@ def measure(labels: sitk.Image, lesion_probability: Optional[np.ndarray] = None)
 
 
 def low_confidence_notes(stats: dict, below: float) -> List[str]:
-    """Notes on the tumors and cysts of :func:`measure`'s ``stats`` whose ``confidence`` is under ``below``
-    (0 switches the notes off; items without a confidence get none): one per lesion of at least
-    ``NOTE_MIN_LESION_ML``, largest first, then one line counting the smaller ones (fragments a
-    radiologist reads as one finding, not a list)."""
+    """A note on each tumor and cyst of :func:`measure`'s ``stats`` of at least ``NOTE_MIN_LESION_ML`` whose
+    ``confidence`` is under ``below``, largest first (0 switches the notes off; items without a confidence get
+    none). Smaller fragments get no note: on most scans some exist, and a note on every scan is one nobody reads
+    (their confidence stays in ``stats``)."""
     if below <= 0:
         return []
-    notes, small, small_ml = [], 0, 0.0
+    notes = []
     for key, name in (("tumors", "tumor"), ("cysts", "cyst")):
         for item in (stats.get(key) or {}).get("items", []):
             confidence = item.get("confidence")
-            if confidence is None or confidence >= below:
-                continue
-            if item["volume_ml"] < NOTE_MIN_LESION_ML:
-                small, small_ml = small + 1, small_ml + item["volume_ml"]
+            if confidence is None or confidence >= below or item["volume_ml"] < NOTE_MIN_LESION_ML:
                 continue
             side = item.get("side")
             where = f" at the {side} kidney" if side in ("right", "left") else ""
             notes.append(f"the model is unsure of the {item['volume_ml']:.1f} mL {name}{where} (mean probability "
                          f"{confidence:.2f}, under {below:.2f}): check whether it is a lesion at all")
-    if small:
-        notes.append(f"the model is also unsure of {small} lesion fragment(s) under {NOTE_MIN_LESION_ML:g} mL "
-                     f"({small_ml:.1f} mL in all; mean probability under {below:.2f})")
     return notes
 
 

@@ -237,7 +237,7 @@ def test_lesion_probability_of_another_shape_or_range_is_refused():
         measure(img, lesion_probability=np.zeros((6, 10, 20), np.int64))
 
 
-def test_low_confidence_notes_name_each_lesion_and_count_the_fragments():
+def test_low_confidence_notes_name_each_lesion_and_leave_out_the_fragments():
     stats = {"tumors": {"items": [{"volume_ml": 183.7, "confidence": 0.646, "side": "right"},
                                   {"volume_ml": 21.0, "confidence": 0.81, "side": "left"},
                                   {"volume_ml": 0.4, "confidence": 0.3, "side": "left"},
@@ -249,7 +249,6 @@ def test_low_confidence_notes_name_each_lesion_and_count_the_fragments():
         "the model is unsure of the 183.7 mL tumor at the right kidney (mean probability 0.65, under 0.75): "
         "check whether it is a lesion at all",
         "the model is unsure of the 2.5 mL cyst (mean probability 0.50, under 0.75): check whether it is a lesion at all",
-        "the model is also unsure of 2 lesion fragment(s) under 1 mL (0.6 mL in all; mean probability under 0.75)",
     ]
     assert measurements.low_confidence_notes(stats, 0.0) == []
     assert measurements.low_confidence_notes({"tumors": {"count": 0, "items": []}}, 0.75) == []

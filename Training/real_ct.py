@@ -65,4 +65,8 @@ def check_scan(scan: str, folder: Path, segmenter) -> dict:
         "reference_ml": round(float((right | left).sum()) * ml, 1), "predicted_ml": round(float(predicted.sum()) * ml, 1),
         "tumor_ml": round(float((labels == TUMOR).sum()) * ml, 1), "cyst_ml": round(float((labels == CYST).sum()) * ml, 1),
         "found": [{"side": k.get("side"), "volume_ml": k.get("volume_ml")} for k in result.stats.get("kidneys", [])],
+        # every lesion of at least 1 mL with the model's confidence in it (none of these patients has a renal lesion)
+        "lesions": [{"kind": kind, "volume_ml": round(item["volume_ml"], 1), "confidence": item.get("confidence")}
+                    for key, kind in (("tumors", "tumor"), ("cysts", "cyst"))
+                    for item in result.stats.get(key, {}).get("items", []) if item["volume_ml"] >= 1.0],
         "notes": list(getattr(result, "notes", []) or result.stats.get("notes", [])), "seconds": round(seconds, 2)}
