@@ -222,7 +222,7 @@ def _side(centroid_x: float, left_fraction: float, midline: float) -> str:
 
 
 def _checked_probability(probability, labels: sitk.Image) -> Optional[np.ndarray]:
-    """``probability`` as float32 in [0, 1] (uint8 is read as round(255 p)); its shape must be the label map's."""
+    """``probability`` checked: the label map's array shape, and uint8 (round(255 p)) or float in [0, 1]."""
     if probability is None:
         return None
     array = np.asarray(probability)

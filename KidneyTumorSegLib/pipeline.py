@@ -70,8 +70,8 @@ class SegmentationResult:
 @dataclass
 class RunState:
     """One image's run through the cascade: the input, the label array the segment stages write into (input
-    grid, z, y, x) and the lesion probability beside it, the anatomical landmarks, the cancel token, the previous stage's output, every stage's output
-    by name, and the notes for the user."""
+    grid, z, y, x) and the lesion probability beside it, the anatomical landmarks, the cancel token, the previous
+    stage's output, every stage's output by name, and the notes for the user."""
 
     image: sitk.Image
     out: Optional[np.ndarray]

@@ -64,10 +64,11 @@ MAX_EXTENT_MM = 2000.0
 FIXED_MEMORY_BYTES = 600 * 10**6
 #: Bytes per input-grid voxel besides the input itself, in the worst case of kidney
 #: everywhere (a localize stage firing on noise): the uint8 output array, the uint8 lesion
-#: probability beside it and the label image (3), post-processing's connected components (uint32, 4) and masks (2), and the
-#: measurements' per-kidney-voxel indices, coordinates and component ids (int64/float64:
-#: 3 x 8 + 3 x 8 + 8). Measured: 131 B per voxel beyond the input for a 160x160x80 volume
-#: segmented as kidney everywhere; this model says 66 + the stage grids' share.
+#: probability beside it and the label image (3), post-processing's connected components
+#: (uint32, 4) and masks (2), and the measurements' per-kidney-voxel indices, coordinates and
+#: component ids (int64/float64: 3 x 8 + 3 x 8 + 8). Measured (before the lesion probability):
+#: 131 B per voxel beyond the input for a 160x160x80 volume segmented as kidney everywhere;
+#: this model says 67 + the stage grids' share.
 EXTRA_BYTES_PER_VOXEL = 3 + 4 + 2 + 24 + 24 + 8
 #: of which the measurements' share, paid per voxel of the final kidneys only: a model whose post-processing
 #: keeps only plausible kidneys (at most ``max_kidney_components`` of at most ``plausibility.max_volume_ml``
