@@ -439,6 +439,9 @@ def test_csv_row():
     row = results.csvRow("case_1", "ok", stats=STATS, seconds=12.345, segmentationFile="case_1.seg.nrrd")
     assert row["right_kidney_ml"] == "162.46" and row["left_kidney_ml"] == "150.04" and row["other_kidney_ml"] == ""
     assert (row["tumor_count"], row["tumor_total_ml"], row["tumor_largest_diameter_mm"]) == ("1", "12.34", "31.2")
+    assert row["tumor_largest_confidence"] == ""  # edited segments: the model's confidence is not known
+    automatic = dict(STATS, tumors=dict(STATS["tumors"], items=[{"volume_ml": 12.34, "confidence": 0.646}]))
+    assert results.csvRow("case_1", "ok", stats=automatic)["tumor_largest_confidence"] == "0.65"
     assert (row["cyst_count"], row["cyst_total_ml"], row["seconds"]) == ("0", "0.00", "12.3")
     failed = results.csvRow("case_2", "failed", "no CT volume")
     assert failed["tumor_count"] == "" and failed["message"] == "no CT volume"

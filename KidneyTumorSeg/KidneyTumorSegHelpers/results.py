@@ -62,7 +62,7 @@ def tableRows(stats: dict) -> List[Tuple[str, str, str]]:
 
 
 CSV_COLUMNS = ("case", "status", "message", "right_kidney_ml", "left_kidney_ml", "other_kidney_ml",
-               "tumor_count", "tumor_total_ml", "tumor_largest_diameter_mm",
+               "tumor_count", "tumor_total_ml", "tumor_largest_diameter_mm", "tumor_largest_confidence",
                "cyst_count", "cyst_total_ml", "seconds", "segmentation_file")
 
 
@@ -91,6 +91,9 @@ def csvRow(case: str, status: str, message: str = "", stats: Optional[dict] = No
                 row[f"{prefix}_total_ml"] = f"{float(group.get('total_volume_ml') or 0.0):.2f}"
                 if prefix == "tumor" and group.get("largest_diameter_mm") is not None:
                     row["tumor_largest_diameter_mm"] = f"{float(group['largest_diameter_mm']):.1f}"
+                items = [i for i in group.get("items") or [] if isinstance(i, dict)]
+                if prefix == "tumor" and items and items[0].get("confidence") is not None:  # largest first
+                    row["tumor_largest_confidence"] = f"{float(items[0]['confidence']):.2f}"
     return row
 
 
