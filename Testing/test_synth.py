@@ -413,3 +413,51 @@ def test_a_stomach_lies_left_and_anterior_and_a_gallbladder_under_the_liver():
             k, j, i = np.nonzero(gb)
             assert x[i].mean() < -20 and y[j].mean() < 0  # right, anterior
     assert 2 <= gallbladders <= 5  # in some maps only (70 %)
+
+
+def test_parallel_synthesis_writes_the_same_cache_as_one_process(tmp_path, monkeypatch):
+    """``synth-preprocess --workers 2`` gives byte-identical volumes and the same index as one process (every case's
+    bodies are seeded by case, variant and stage, not by the order cases finish in); a rerun keeps what is there."""
+    import concurrent.futures
+
+    from Training.cli import main
+
+    pools = []
+
+    class CountedPool(concurrent.futures.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(kwargs.get("max_workers"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountedPool)
+    labels_dir = tmp_path / "labels"
+    for n in (1, 2, 3):
+        (labels_dir / f"case_{n:05d}").mkdir(parents=True)
+        sitk.WriteImage(_labels(seed=n), str(labels_dir / f"case_{n:05d}" / "segmentation.nii.gz"))
+    caches = {}
+    for workers in (0, 2):
+        cache = tmp_path / f"cache{workers}"
+        assert main(["--quiet", "synth-preprocess", "--labels", str(labels_dir), "--recipe", "synth_default", "--smoke",
+                     "--out", str(cache), "--variants", "1", "--workers", str(workers)]) == 0
+        caches[workers] = cache
+    assert pools == [2]  # one process pool, for the run with workers
+    files = {w: sorted(p.relative_to(c) for p in c.rglob("*") if p.is_file()) for w, c in caches.items()}
+    assert files[0] == files[2] and len([f for f in files[0] if f.name.endswith("_image.npy")]) >= 3
+    for rel in files[0]:
+        a, b = (caches[w] / rel for w in (0, 2))
+        if rel.suffix == ".json":
+            assert json.loads(a.read_text()) == json.loads(b.read_text()), rel
+        else:
+            assert a.read_bytes() == b.read_bytes(), rel
+    before = {rel: (caches[2] / rel).stat().st_mtime_ns for rel in files[2] if rel.suffix == ".npy"}
+    assert main(["--quiet", "synth-preprocess", "--labels", str(labels_dir), "--recipe", "synth_default", "--smoke",
+                 "--out", str(caches[2]), "--variants", "1", "--workers", "2"]) == 0
+    assert {rel: (caches[2] / rel).stat().st_mtime_ns for rel in before} == before
+
+
+def test_synthesis_workers_must_be_a_count(tmp_path):
+    from Training.synth import preprocess_synth
+
+    manifests = stage_manifests(resolve(get_recipe("synth_default", smoke=True), {"has_cyst": True}))
+    with pytest.raises(Exception, match="--workers must be an integer >= 0, got -1"):
+        preprocess_synth(tmp_path / "cache", manifests, tmp_path, None, workers=-1)

@@ -129,7 +129,7 @@ def cmd_synth_preprocess(args) -> int:
             raise InputError(f"recipe {recipe['name']!r} has no stage {', '.join(unknown)}; stages: {', '.join(sorted(names))}")
         manifests = [m for m in manifests if m["name"] in args.stage]
     counts = preprocess_synth(Path(args.out), manifests, Path(args.labels), _cases(args.cases), variants=args.variants,
-                              seed=args.seed, progress=_Progress("synth-preprocess", not args.quiet))
+                              seed=args.seed, progress=_Progress("synth-preprocess", not args.quiet), workers=args.workers)
     print(json.dumps({"cache": str(args.out), "volumes": counts}))
     return 0
 
@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--smoke", action="store_true", help="the recipe's tiny CPU variant")
     s.add_argument("--set", action="append", default=[], metavar="STAGE.SECTION.KEY=JSON", help="override a recipe value")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=0, help="cases synthesized at once in separate processes (default: "
+                                                          "one at a time here); the cache is the same either way")
     s.set_defaults(func=cmd_synth_preprocess)
 
     s = sub.add_parser("train", help="train (or resume) a recipe")

@@ -430,15 +430,20 @@ def case_frame(labels: sitk.Image):
 
 
 def preprocess_synth(cache_root: Path, stage_manifests: Sequence[dict], labels_dir: Path, cases: Optional[Sequence[int]],
-                     variants: int = 2, seed: int = 0, progress: Optional[Callable[[int, int, str], None]] = None) -> dict:
+                     variants: int = 2, seed: int = 0, progress: Optional[Callable[[int, int, str], None]] = None,
+                     workers: int = 0) -> dict:
     """A preprocessing cache of synthesis tissue maps: for every case of ``labels_dir`` (KiTS layout, label maps only)
     and each of ``variants`` random bodies, each stage's volumes (:func:`synth_stage_volumes`), in the layout of
     :class:`Training.preprocess.Cache` (records of one case's variants share its case number, so they form one
-    sampling unit and one fold member). Cases already there are kept. Returns ``{spec folder: volumes}``."""
-    from .preprocess import Cache, SpecFolder, _where, input_spec, spec_key
+    sampling unit and one fold member). Cases already there are kept. ``workers`` > 1 synthesizes that many cases
+    at once in separate processes; every case's random bodies are seeded by (seed, case, variant, stage), so the
+    cache is the same with any number of workers. Returns ``{spec folder: volumes}``."""
+    from .preprocess import Cache, SpecFolder, input_spec, spec_key
 
     if variants < 1:
         raise InputError(f"--variants must be >= 1, got {variants}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise InputError(f"--workers must be an integer >= 0, got {workers!r}")
     refuse_validation_only(Path(labels_dir))
     listed = list_cases(Path(labels_dir), cases, image_name=LABELS_NAME)
     cache = Cache(Path(cache_root))
@@ -458,39 +463,85 @@ def preprocess_synth(cache_root: Path, stage_manifests: Sequence[dict], labels_d
     for m in stage_manifests:
         _refuse_cascade(m)
         specs.setdefault(spec_key(m), m)
-    t0 = time.perf_counter()
-    for i, case in enumerate(listed):
-        name = case_name(case.number)
-        todo = [k for k in specs if name not in SpecFolder(cache.root / k).index().get("cases", {})]
+    folders = {key: SpecFolder(cache.root / key) for key in specs}
+    indexes = {}
+    for key, folder in folders.items():
+        folder.path.mkdir(parents=True, exist_ok=True)
+        indexes[key] = folder.index() or {"spec": input_spec(specs[key]), "cases": {}, "augmented": []}
+    jobs = []
+    for case in listed:
+        todo = [k for k in specs if case_name(case.number) not in indexes[k]["cases"]]
         if todo:
-            labels = read_labels(case)
-            frame = case_frame(labels)
-            for key in todo:
-                folder = SpecFolder(cache.root / key)
-                folder.path.mkdir(parents=True, exist_ok=True)
-                index = folder.index() or {"spec": input_spec(specs[key]), "cases": {}, "augmented": []}
-                records = []
-                num_classes = len(specs[key]["classes"])
-                for v in range(variants):
-                    rng = np.random.default_rng([int(seed), int(case.number), v, int(key.rsplit("-", 1)[1], 16) % 100003])
-                    for r, (tissues, target) in enumerate(synth_stage_volumes(specs[key], labels, frame, rng)):
-                        stem = f"{name}_v{v}_r{r}"
-                        np.save(folder.path / f"{stem}_image.npy", tissues)
-                        np.save(folder.path / f"{stem}_target.npy", target)
-                        np.savez(folder.path / f"{stem}_where.npz", **_where(target, num_classes, rng))
-                        records.append({"case": int(case.number), "region": r, "stem": stem, "shape": list(target.shape),
-                                        "channels": 1, "variant": v,
-                                        "class_voxels": [int(c) for c in np.bincount(target.ravel(), minlength=num_classes)],
-                                        "info": {"has_cyst": bool((target == 3).any())}, "augmented_from": None})
-                index["cases"][name] = records
-                folder.write_index(index)
+            jobs.append((case, {k: specs[k] for k in todo}, {k: str(folders[k].path) for k in todo}, variants, seed))
+    done = len(listed) - len(jobs)
+    for name, records in _synthesized(jobs, workers):
+        # only this process writes the indexes: a case is in them once all its files are written
+        for key, case_records in records.items():
+            # cases in number order, whatever order they finish in, so the index is the same with any workers
+            indexes[key]["cases"] = dict(sorted({**indexes[key]["cases"], name: case_records}.items()))
+            folders[key].write_index(indexes[key])
+        done += 1
         if progress is not None:
-            progress(i + 1, len(listed), name)
+            progress(done, len(listed), name)
     meta = cache.meta()
     for key, m in specs.items():
         meta["specs"][key] = input_spec(m)
     cache.write_meta(meta)
     return {key: len(cache.records(m)) for key, m in specs.items()}
+
+
+def _synthesized(jobs: list, workers: int):
+    """``(case name, {spec folder: records})`` of each job of :func:`preprocess_synth`, in this process or in
+    ``workers`` spawned ones (each with one ITK thread, so they do not oversubscribe the cores)."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield _synthesize_case(*job)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_single_threaded) as pool:
+        futures = [pool.submit(_synthesize_case, *job) for job in jobs]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def _single_threaded() -> None:
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    torch.set_num_threads(1)
+
+
+def _synthesize_case(case, specs: dict, paths: dict, variants: int, seed: int) -> tuple:
+    """One case's volumes for each spec folder of ``specs`` (``paths``: the folders), written there; returns
+    ``(case name, {spec folder: its index records})``."""
+    from .preprocess import _where
+
+    name = case_name(case.number)
+    labels = read_labels(case)
+    frame = case_frame(labels)
+    out = {}
+    for key, spec in specs.items():
+        path = Path(paths[key])
+        records = []
+        num_classes = len(spec["classes"])
+        for v in range(variants):
+            rng = np.random.default_rng([int(seed), int(case.number), v, int(key.rsplit("-", 1)[1], 16) % 100003])
+            for r, (tissues, target) in enumerate(synth_stage_volumes(spec, labels, frame, rng)):
+                stem = f"{name}_v{v}_r{r}"
+                np.save(path / f"{stem}_image.npy", tissues)
+                np.save(path / f"{stem}_target.npy", target)
+                np.savez(path / f"{stem}_where.npz", **_where(target, num_classes, rng))
+                records.append({"case": int(case.number), "region": r, "stem": stem, "shape": list(target.shape),
+                                "channels": 1, "variant": v,
+                                "class_voxels": [int(c) for c in np.bincount(target.ravel(), minlength=num_classes)],
+                                "info": {"has_cyst": bool((target == 3).any())}, "augmented_from": None})
+        out[key] = records
+    return name, out
 
 
 # ----------------------------------------------------------------------------------------------------------
