@@ -30,7 +30,6 @@ map, never from the tissue map.
 from __future__ import annotations
 
 import json
-import time
 from enum import IntEnum
 from pathlib import Path
 from typing import Callable, Optional, Sequence
