@@ -60,3 +60,12 @@ def test_flag_table_counts_true_and_false_lesions_under_each_threshold(script):
     assert script.flag_table(rows, [0.65, 0.75], 10.0) == [
         {"threshold": 0.65, "true": [0, 2], "false": [1, 2]},
         {"threshold": 0.75, "true": [1, 2], "false": [2, 2]}]
+
+
+def test_sources_are_checked_before_any_model_is_loaded(script, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--sources", "sample"])  # per_source's sample is no source here: it has one lesion
+    assert exc.value.code == 2 and "own, valgen" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--sources", "valgen", "--valgen", str(tmp_path / "none")])
+    assert exc.value.code == 2 and "validation-phantoms" in capsys.readouterr().err

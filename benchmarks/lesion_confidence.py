@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from per_source import BUILD, OWN_CASES, REAL_SCANS  # noqa: E402  (the benchmarks folder is no package)
+from per_source import OWN_CASES, REAL_SCANS, parse_sources, source_folders  # noqa: E402  (the benchmarks folder is no package)
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("own", "valgen", *REAL_SCANS)
@@ -90,21 +90,15 @@ def main(argv=None) -> int:
     parser.add_argument("--shared", default=str(REPO.parent / "shared"))
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    sources = [s.strip() for s in args.sources.split(",") if s.strip()]
-    unknown = sorted(set(sources) - set(SOURCES))
-    if unknown or not sources:
-        parser.error(f"--sources must name some of {', '.join(SOURCES)}; got {args.sources!r}")
+    try:
+        sources = parse_sources(args.sources, SOURCES)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         thresholds = [float(t) for t in args.thresholds.split(",")]
     except ValueError:
         parser.error(f"--thresholds must be comma-separated numbers, got {args.thresholds!r}")
-    folders = {"valgen": Path(args.valgen), "own": Path(args.own)}
-    for name in sources:
-        if name in folders and not folders[name].is_dir():
-            parser.error(f"source {name!r}: no folder {folders[name]}; build it with: {BUILD[name].format(path=folders[name])}")
-    real_ct = Path(args.shared) / "data" / "real_ct"
-    if any(s in REAL_SCANS for s in sources) and not real_ct.is_dir():
-        parser.error(f"the real scans need {real_ct} (the project's shared folder; --shared)")
+    folders, real_ct = source_folders(parser, sources, args.valgen, args.own, args.shared)
 
     segmenter = Segmenter(load_package(args.model), device=args.device)
     every = []

@@ -43,13 +43,26 @@ BUILD = {
 OWN_CASES = list(range(130, 160))
 
 
-def parse_sources(text: str) -> list:
-    """The comma-separated source names of ``text``, in the table's order; unknown names are an error."""
+def parse_sources(text: str, known=SOURCES) -> list:
+    """The comma-separated source names of ``text``, in the order of ``known``; unknown names are an error."""
     names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = sorted(set(names) - set(SOURCES))
+    unknown = sorted(set(names) - set(known))
     if unknown or not names:
-        raise ValueError(f"--sources must name some of {', '.join(SOURCES)}; got {text!r}")
-    return [s for s in SOURCES if s in names]
+        raise ValueError(f"--sources must name some of {', '.join(known)}; got {text!r}")
+    return [s for s in known if s in names]
+
+
+def source_folders(parser, sources, valgen: str, own: str, shared: str) -> tuple:
+    """``({"valgen": Path, "own": Path}, the real scans' folder)`` for ``sources``; a folder a source needs and
+    lacks is ``parser.error`` (for a phantom folder, naming the command that builds it)."""
+    folders = {"valgen": Path(valgen), "own": Path(own)}
+    for name in sources:
+        if name in folders and not folders[name].is_dir():
+            parser.error(f"source {name!r}: no folder {folders[name]}; build it with: {BUILD[name].format(path=folders[name])}")
+    real_ct = Path(shared) / "data" / "real_ct"
+    if any(s in REAL_SCANS for s in sources) and not real_ct.is_dir():
+        parser.error(f"the real scans need {real_ct} (the project's shared folder; --shared)")
+    return folders, real_ct
 
 
 def markdown_row(model: str, results: dict) -> str:
@@ -92,13 +105,7 @@ def main(argv=None) -> int:
         sources = parse_sources(args.sources)
     except ValueError as exc:
         parser.error(str(exc))
-    folders = {"valgen": Path(args.valgen), "own": Path(args.own)}
-    for name in sources:
-        if name in folders and not folders[name].is_dir():
-            parser.error(f"source {name!r}: no folder {folders[name]}; build it with: {BUILD[name].format(path=folders[name])}")
-    real_ct = Path(args.shared) / "data" / "real_ct"
-    if any(s in REAL_SCANS for s in sources) and not real_ct.is_dir():
-        parser.error(f"the real scans need {real_ct} (the project's shared folder; --shared)")
+    folders, real_ct = source_folders(parser, sources, args.valgen, args.own, args.shared)
     if args.out and Path(args.out).exists():
         parser.error(f"--out {args.out} already exists; name a new folder")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="kts-per-source-"))

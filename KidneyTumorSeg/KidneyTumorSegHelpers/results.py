@@ -24,6 +24,13 @@ def _number(value, digits: int = 1) -> str:
     return f"{float(value):.{digits}f}"
 
 
+def _largestConfidence(group: dict):
+    """The model's confidence in the largest lesion of a stats group (items come largest first); None when the
+    stats do not say (measured from edited segments, or no lesion)."""
+    items = [i for i in group.get("items") or [] if isinstance(i, dict)]
+    return items[0].get("confidence") if items else None
+
+
 def _lesionRow(title: str, group: Optional[dict]) -> Optional[Tuple[str, str, str]]:
     if not isinstance(group, dict):
         return None
@@ -33,9 +40,9 @@ def _lesionRow(title: str, group: Optional[dict]) -> Optional[Tuple[str, str, st
     details = f"{count} found"
     if group.get("largest_diameter_mm") is not None:
         details += f"; largest diameter {_number(group['largest_diameter_mm'])} mm"
-    items = [i for i in group.get("items") or [] if isinstance(i, dict)]
-    if items and items[0].get("confidence") is not None:  # items come largest first
-        details += f"; model confidence in the largest {_number(items[0]['confidence'], 2)}"
+    confidence = _largestConfidence(group)
+    if confidence is not None:
+        details += f"; model confidence in the largest {_number(confidence, 2)}"
     return (title, _number(group.get("total_volume_ml")), details)
 
 
@@ -91,9 +98,8 @@ def csvRow(case: str, status: str, message: str = "", stats: Optional[dict] = No
                 row[f"{prefix}_total_ml"] = f"{float(group.get('total_volume_ml') or 0.0):.2f}"
                 if prefix == "tumor" and group.get("largest_diameter_mm") is not None:
                     row["tumor_largest_diameter_mm"] = f"{float(group['largest_diameter_mm']):.1f}"
-                items = [i for i in group.get("items") or [] if isinstance(i, dict)]
-                if prefix == "tumor" and items and items[0].get("confidence") is not None:  # largest first
-                    row["tumor_largest_confidence"] = f"{float(items[0]['confidence']):.2f}"
+                if prefix == "tumor" and _largestConfidence(group) is not None:
+                    row["tumor_largest_confidence"] = f"{float(_largestConfidence(group)):.2f}"
     return row
 
 
