@@ -64,7 +64,7 @@ def test_flag_table_counts_true_and_false_lesions_under_each_threshold(script):
 
 def test_sources_are_checked_before_any_model_is_loaded(script, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        script.main(["--sources", "sample"])  # per_source's sample is no source here: it has one lesion
+        script.main(["--sources", "sample"])  # the bundled sample is per_source.py's, not this benchmark's
     assert exc.value.code == 2 and "own, valgen" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         script.main(["--sources", "valgen", "--valgen", str(tmp_path / "none")])
