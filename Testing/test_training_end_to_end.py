@@ -359,3 +359,89 @@ def test_a_cascade_trains_exports_and_segments(prepared):
     assert result.labels.GetSize() == ct.GetSize() and result.labels.GetDirection() == ct.GetDirection()
     assert result.labels.GetOrigin() == ct.GetOrigin() and result.labels.GetSpacing() == ct.GetSpacing()
     assert set(np.unique(sitk.GetArrayViewFromImage(result.labels))) <= {0, 1, 2, 3}
+
+
+# -- training.precision ------------------------------------------------------------------------------------
+def test_precision_modes_per_device_and_clear_errors():
+    from Training.trainer import mixed_precision
+
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert mixed_precision("auto", cpu) == (None, False)  # what every run before the setting did
+    assert mixed_precision("auto", cuda) == (torch.float16, True)
+    assert mixed_precision("fp32", cuda) == (None, False)
+    assert mixed_precision("bf16", cpu) == mixed_precision("bf16", cuda) == (torch.bfloat16, False)
+    assert mixed_precision("fp16", cuda) == (torch.float16, True)
+    with pytest.raises(ValueError, match="needs a CUDA device.*on 'cpu'"):
+        mixed_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="not on 'mps'"):
+        mixed_precision("bf16", mps)
+    with pytest.raises(ValueError, match="one of auto, fp32, bf16, fp16; got 'half'"):
+        mixed_precision("half", cpu)
+
+
+def _fine_weights(run: Path) -> dict:
+    return _checkpoint(run, "fine")["model"]
+
+
+class _ForwardDtypes(Hook):
+    """Records the precision setting each trainer runs with and the dtype of the network's outputs."""
+
+    def __init__(self):
+        self.settings, self.dtypes, self._hooked = [], set(), set()
+
+    def on_iteration_end(self, trainer, epoch, iteration, loss):
+        self.settings.append(trainer.precisions[trainer.phase])
+        if id(trainer) not in self._hooked:
+            self._hooked.add(id(trainer))
+            trainer.net.register_forward_hook(lambda module, args, out: self.dtypes.add(
+                (out[0] if isinstance(out, (list, tuple)) else out).dtype))
+
+
+@pytest.fixture(scope="module")
+def precision_runs(prepared):
+    """The smoke fine stage trained from the same seed: default, explicit fp32, bf16, and bf16 interrupted + resumed."""
+    root = prepared / "precision"
+    runs, seen = {}, {}
+    for mode in ("auto", "fp32", "bf16"):
+        runs[mode], seen[mode] = root / mode, _ForwardDtypes()
+        train_run("phantom_fast", prepared / "cache", runs[mode], smoke=True, stages=["fine"], fold=None,
+                  overrides=[f"fine.training.precision={mode}"], hooks=[seen[mode]])
+    with pytest.raises(_Interrupt):
+        train_run("phantom_fast", prepared / "cache", root / "bf16_resumed", smoke=True, stages=["fine"], fold=None,
+                  overrides=["fine.training.precision=bf16"], hooks=[_StopOnce()])
+    seen["bf16_resumed"] = _ForwardDtypes()
+    train_run(None, None, root / "bf16_resumed", resume=True, stages=["fine"], hooks=[seen["bf16_resumed"]])
+    runs["bf16_resumed"] = root / "bf16_resumed"
+    return runs, seen
+
+
+def test_bf16_training_runs_in_bfloat16_and_resumes_in_it(precision_runs):
+    runs, seen = precision_runs
+    assert seen["auto"].dtypes == seen["fp32"].dtypes == {torch.float32}
+    assert seen["bf16"].dtypes == seen["bf16_resumed"].dtypes == {torch.bfloat16}
+    # the resumed run read its precision back from run.json, not the default
+    assert seen["bf16_resumed"].settings and set(seen["bf16_resumed"].settings) == {(torch.bfloat16, False)}
+    auto, fp32, bf16 = (_fine_weights(runs[m]) for m in ("auto", "fp32", "bf16"))
+    assert _same(auto, fp32)  # "auto" on a CPU is float32, bit for bit
+    trained = [k for k in fp32 if fp32[k].is_floating_point() and not k.endswith(_BATCH_STATISTICS)]
+    assert trained and all(bf16[k].dtype == torch.float32 and torch.isfinite(bf16[k]).all() for k in trained)
+    assert len([k for k in trained if not torch.equal(fp32[k], bf16[k])]) > 0.9 * len(trained)
+
+    def distance(a, b):  # over all weights together: batch-norm biases start at 0, so alone each differs a lot
+        return (sum(float((a[k] - b[k]).square().sum()) for k in trained)
+                / sum(float(b[k].square().sum()) for k in trained)) ** 0.5
+
+    assert distance(bf16, fp32) < 0.05  # a bfloat16 forward pass of the same training, not another computation
+    # oneDNN's bfloat16 weight gradients are not bit-reproducible on a CPU: resume matches to rounding, not bit for bit
+    resumed = _checkpoint(runs["bf16_resumed"], "fine")
+    assert resumed["epoch"] == 2 and _same(resumed["rng"], _checkpoint(runs["bf16"], "fine")["rng"])
+    assert distance(resumed["model"], bf16) < 0.02
+    assert "fine.training.precision=bf16" in (runs["bf16"] / "run.json").read_text()
+
+
+def test_a_wrong_precision_fails_before_any_training(prepared):
+    out = prepared / "precision_wrong"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        train_run("phantom_fast", prepared / "cache", out, smoke=True, stages=["fine"], fold=None, device="cpu",
+                  overrides=["fine.training.precision=fp16"])
+    assert not (out / "fine" / CHECKPOINT).exists()

@@ -58,6 +58,8 @@ def _training(**kw) -> dict:
         "cyst_class": "never",
         # a second training source mixed in by batch (train --mix-data CACHE): {"fraction", "augmentation"}
         "mix": None,
+        # the forward pass's arithmetic: auto (fp16 on CUDA, fp32 elsewhere), fp32, bf16, fp16 (trainer.mixed_precision)
+        "precision": "auto",
     }
     for k, v in kw.items():
         if k not in base:

@@ -2,7 +2,8 @@
 
 One :class:`StageTrainer` trains one network of a recipe through its phases. Per epoch:
 ``iterations`` batches from :class:`~Training.sampling.PatchSampler` (loaded in worker processes
-when ``workers > 0``), augmented on the device, forward (mixed precision on CUDA), loss, step;
+when ``workers > 0``), augmented on the device, forward (in the precision of ``training.precision``:
+:func:`mixed_precision`), loss (always in float32), step;
 the schedule sees the epoch's mean loss; validation (every ``validation.every_epochs``) predicts each
 validation volume of the cache with the library's :func:`KidneyTumorSegLib.stages.predict_stage` (the
 function the Segmenter predicts every region with, so window blending, margins and padding are the
@@ -13,7 +14,9 @@ Files in the stage folder:
 * ``checkpoint_last.pt`` - model, optimizer, schedule, AMP scaler, epoch, phase, RNG states (torch,
   CUDA, numpy, python), history, top-k list; written atomically after every epoch. Resuming from
   it continues exactly as an uninterrupted run: batches and augmentations are functions of
-  (seed, phase, epoch, iteration, rank), so nothing else needs saving.
+  (seed, phase, epoch, iteration, rank), so nothing else needs saving. (Bit for bit in float32; with
+  ``training.precision: bf16`` on a CPU to rounding only, because oneDNN's bfloat16 weight gradients differ in
+  the last bits from one call to the next.)
 * ``metrics.jsonl`` - one JSON line per epoch: stage, phase, epoch (completed count), train_loss,
   lr, val (kidney / tumor Dice), val_score (their mean), seconds.
 * ``top/epoch_XXXX.pt`` - weights of the best ``keep_top_k`` epochs of the final phase by
@@ -58,6 +61,34 @@ METRICS = "metrics.jsonl"
 FINAL = "final.pt"
 TOP_DIR = "top"
 CHECKPOINT_FORMAT = 1
+#: ``training.precision`` values: the forward pass's arithmetic (see :func:`mixed_precision`)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def mixed_precision(precision: str, device: torch.device) -> tuple:
+    """``(autocast dtype or None, whether a gradient scaler is needed)`` of ``training.precision`` on ``device``.
+
+    ``"auto"`` (the default): float16 autocast with a gradient scaler on CUDA, float32 elsewhere (what every run
+    before this setting did); ``"fp32"``: float32 everywhere; ``"bf16"``: bfloat16 autocast on CPU or CUDA, no
+    scaler (bfloat16 has float32's exponent range) - on a CPU with AVX512-BF16 it halves a VB-Net training step
+    (benchmarks/README); ``"fp16"``: float16 autocast with a scaler, CUDA only. Weights, optimizer state and the loss
+    stay float32 in every mode. Anything else, or a mode the device cannot run, is a ValueError naming the choices.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"training.precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    kind = device.type
+    if precision == "auto":
+        return (torch.float16, True) if kind == "cuda" else (None, False)
+    if precision == "fp32":
+        return None, False
+    if precision == "bf16":
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"training.precision 'bf16' runs on cpu or cuda, not on {kind!r}; use 'fp32' there")
+        return torch.bfloat16, False
+    if kind != "cuda":
+        raise ValueError(f"training.precision 'fp16' needs a CUDA device (a gradient scaler); this run is on {kind!r}: "
+                         "use 'bf16' or 'fp32'")
+    return torch.float16, True
 
 
 def _seed_int(*parts: int) -> int:
@@ -153,7 +184,9 @@ class StageTrainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self.model = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+        # every phase's precision is checked now, so a wrong value fails before the first epoch, not at phase 2
+        self.precisions = [mixed_precision(str(ph["training"].get("precision", "auto")), device) for ph in self.phases]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=any(scaled for _, scaled in self.precisions))
         self.epoch = 0
         self.phase = -1
         self.history: list = []
@@ -354,13 +387,18 @@ class StageTrainer:
             y = y.to(self.device, non_blocking=True)
             gen = torch.Generator().manual_seed(_seed_int(self.seed, self.phase, self.epoch, it, self.rank, 2))
             x, y = (mix_augmenter if int(source) else self.augmenter)(x, y, gen)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+            dtype, scaled = self.precisions[self.phase]
+            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 out = self.model(x)
             loss = self.loss_fn(out, y.long(), self.epoch)
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            if scaled:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
             value = float(loss.detach().item())
             losses.append(value)
             for hook in self.hooks:

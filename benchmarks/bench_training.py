@@ -1,13 +1,14 @@
 """Training throughput of a recipe: seconds per iteration and patches per second, per stage.
 
     python benchmarks/bench_training.py --labels ../shared/data/kits19_labels [--recipe phantom_default]
-        [--device cuda] [--cases 0-3] [--iterations 20] [--work DIR]
+        [--device cuda] [--cases 0-3] [--iterations 20] [--precision auto|fp32|bf16|fp16] [--work DIR]
 
 Builds KiTS19-label phantoms of a few cases (as the default model's data: in-plane downsampled 4x,
 at most 96 slices, cysts), then trains every stage of the recipe for one epoch of ``--iterations``
 iterations with no validation (``--fold all``) and reads the epoch's seconds from the run's metrics.
 The first epoch includes the one-off costs (CUDA context, cuDNN autotuning), so it is reported
-apart from a second epoch. Prints one JSON line per stage. Everything is written under ``--work``
+apart from a second epoch. ``--precision`` sets every stage's ``training.precision`` (the forward pass's
+arithmetic; ``Training.trainer.mixed_precision``). Prints one JSON line per stage. Everything is written under ``--work``
 (a temporary folder by default).
 """
 
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cases", default="0-3")
     parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--precision", default="auto", help="every stage's training.precision (default: auto)")
     parser.add_argument("--work", help="working folder (default: a temporary one)")
     args = parser.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="kts-bench-train-"))
@@ -43,13 +45,14 @@ def main(argv=None) -> int:
     recipe = get_recipe(args.recipe)
     stages = [s["manifest"]["name"] for s in recipe["stages"]]
     overrides = [f"{name}.training.{key}={value}" for name in stages
-                 for key, value in (("epochs", 2), ("iterations_per_epoch", args.iterations))]
+                 for key, value in (("epochs", 2), ("iterations_per_epoch", args.iterations), ("precision", args.precision))]
     train_run(args.recipe, work / "data", work / "run", fold=None, device=args.device, overrides=overrides)
     for name, stage in zip(stages, recipe["stages"]):
         history = [json.loads(line) for line in (work / "run" / name / "metrics.jsonl").read_text().splitlines()]
         batch = int(stage["training"]["batch_size"])
         steady = history[-1]["seconds"] / args.iterations
-        print(json.dumps({"recipe": args.recipe, "stage": name, "device": args.device, "iterations": args.iterations,
+        print(json.dumps({"recipe": args.recipe, "stage": name, "device": args.device, "precision": args.precision,
+                          "iterations": args.iterations,
                           "batch_size": batch, "patch_size_xyz": stage["training"]["patch_size"],
                           "first_epoch_s_per_iteration": round(history[0]["seconds"] / args.iterations, 4),
                           "s_per_iteration": round(steady, 4), "patches_per_s": round(batch / steady, 2)}))

@@ -2,9 +2,10 @@
 
     python benchmarks/per_source.py [--model NAME_OR_PATH] [--sources sample,ircad_1.1,example_ct_sm,valgen,own]
                                     [--valgen data/valgen] [--own data/phantoms_val] [--shared ../shared]
-                                    [--out DIR] [--device cpu]
+                                    [--out DIR] [--device cpu] [--tta]
 
-Sources (full library inference, no TTA):
+Sources (full library inference; ``--tta`` adds mirroring test-time augmentation along each stage's
+``tta_mirror_axes``, as ``segment --tta`` does):
 
 * ``sample``: the bundled sample (rendered phantom of KiTS19 case 148, ``KidneyTumorSegLib/data``), one case;
 * ``ircad_1.1``, ``example_ct_sm``: the real scans of ``Training/real_ct.py`` (evaluation only; needs ``../shared``);
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shared", default=str(REPO.parent / "shared"), help="the project's shared folder")
     parser.add_argument("--out", default=None, help="keep per-case CSVs and pictures here (must not exist yet)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (as segment --tta)")
     args = parser.parse_args(argv)
     try:
         sources = parse_sources(args.sources)
@@ -113,8 +115,9 @@ def main(argv=None) -> int:
 
     package = load_package(args.model)
     # a composed package keeps its base's name and version: name the folder too, or every row reads the same
-    model = f"{package.manifest.name} {package.manifest.version}" + (f" ({args.model})" if args.model else "")
-    segmenter = Segmenter(package, device=args.device)
+    model = (f"{package.manifest.name} {package.manifest.version}" + (f" ({args.model})" if args.model else "")
+             + (" + TTA" if args.tta else ""))
+    segmenter = Segmenter(package, device=args.device, tta=args.tta)
     results = {}
     try:
         for name in sources:
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
                 row = {"kidney_dice": round(metrics["kidney_dice"], 4), "tumor_dice": round(metrics["tumor_dice"], 4)}
             elif name in folders:
                 report = evaluate(str(package.root), folders[name], out / f"{name}.csv",
-                                  cases=OWN_CASES if name == "own" else None, device=args.device)
+                                  cases=OWN_CASES if name == "own" else None, device=args.device, tta=args.tta)
                 mean = report["mean"]
                 row = {"cases": len(report["cases"]), "kidney_dice": round(mean["kidney_dice"], 4),
                        "tumor_dice": round(mean["tumor_dice"], 4)}
