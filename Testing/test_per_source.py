@@ -41,3 +41,29 @@ def test_a_missing_phantom_folder_names_the_command_that_builds_it(script, tmp_p
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "validation-phantoms" in err
+
+
+def test_tta_reaches_every_source_and_names_the_row(script, tmp_path, monkeypatch, capsys):
+    import KidneyTumorSegLib.pipeline as pipeline
+    import Training.evaluate as evaluate
+
+    seen = {}
+
+    class Recording(pipeline.Segmenter):
+        def __init__(self, package, device="auto", tta=False):
+            seen["segmenter"] = tta
+            super().__init__(package, device=device, tta=tta)
+
+    def fake_evaluate(model, data, out_csv, cases=None, device="auto", tta=False, **kw):
+        seen["evaluate"] = tta
+        return {"mean": {"kidney_dice": 0.5, "tumor_dice": 0.25}, "cases": [{}]}
+
+    monkeypatch.setattr(pipeline, "Segmenter", Recording)
+    monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
+    (tmp_path / "valgen").mkdir()
+    assert script.main(["--sources", "valgen", "--valgen", str(tmp_path / "valgen"), "--tta"]) == 0
+    assert seen == {"segmenter": True, "evaluate": True}
+    assert "+ TTA | — | — | — | 0.500 / 0.250 | — |" in capsys.readouterr().out
+    seen.clear()
+    assert script.main(["--sources", "valgen", "--valgen", str(tmp_path / "valgen")]) == 0
+    assert seen == {"segmenter": False, "evaluate": False}
