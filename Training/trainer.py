@@ -73,6 +73,11 @@ def mixed_precision(precision: str, device: torch.device) -> tuple:
     scaler (bfloat16 has float32's exponent range) - on a CPU with AVX512-BF16 a VB-Net training step runs 1.6-2x faster
     (benchmarks/README); ``"fp16"``: float16 autocast with a scaler, CUDA only. Weights, optimizer state and the loss
     stay float32 in every mode. Anything else, or a mode the device cannot run, is a ValueError naming the choices.
+
+    bf16 on a CPU is experimental: with torch 2.13 the bfloat16 conv3d weight gradient is not reproducible and, on
+    small feature maps, now and then garbage (seen: 14 of 40 backward passes of the smoke VB-Net on a 32³ patch off
+    by up to 1e37; none of 15 passes of the bundled fine network on 64³ patches off by more than 1 %). Check a bf16
+    run against a float32 one before trusting it (Training/README, round 12).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"training.precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
