@@ -14,9 +14,9 @@ Files in the stage folder:
 * ``checkpoint_last.pt`` - model, optimizer, schedule, AMP scaler, epoch, phase, RNG states (torch,
   CUDA, numpy, python), history, top-k list; written atomically after every epoch. Resuming from
   it continues exactly as an uninterrupted run: batches and augmentations are functions of
-  (seed, phase, epoch, iteration, rank), so nothing else needs saving. (Bit for bit in float32; with
-  ``training.precision: bf16`` on a CPU to rounding only, because oneDNN's bfloat16 weight gradients differ in
-  the last bits from one call to the next.)
+  (seed, phase, epoch, iteration, rank), so nothing else needs saving. (Bit for bit in float32; not with
+  ``training.precision: bf16`` on a CPU, whose conv3d weight gradients are not reproducible: see
+  :func:`mixed_precision`.)
 * ``metrics.jsonl`` - one JSON line per epoch: stage, phase, epoch (completed count), train_loss,
   lr, val (kidney / tumor Dice), val_score (their mean), seconds.
 * ``top/epoch_XXXX.pt`` - weights of the best ``keep_top_k`` epochs of the final phase by
